@@ -1,0 +1,258 @@
+"""The engine: one base model per process, many LoRA adapters on it, one ordered worker thread.
+
+Several training/sampling clients on the same base share its weights (peft multi-adapter); memory grows
+by adapters, not by bases. All model work runs on the engine's worker, so calls from different clients are
+serialized and each call activates its own adapter first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from training_core import losses
+from training_core.futures import APIFuture, OrderedWorker
+from training_core.model_loading import LoadedBase, load_base, lora_target_modules
+from training_core.types import AdamParams, Datum, ForwardBackwardOutput, LoraConfig, TensorData
+
+log = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """A request is malformed (bad token ids, lengths, loss inputs); raised before any compute."""
+
+
+@dataclass
+class AdapterState:
+    name: str
+    lora: LoraConfig
+    params: dict[str, nn.Parameter]
+    optimizer: torch.optim.AdamW | None = None
+    step: int = 0  # optimizer steps applied so far
+    pending_grads: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine:
+    """Owns a base model, its adapters and the worker that runs all compute on them."""
+
+    def __init__(self, base: LoadedBase, compute_dtype: str = "float32") -> None:
+        self.base = base
+        self.compute_dtype = compute_dtype
+        self.model: nn.Module = base.model
+        self.adapters: dict[str, AdapterState] = {}
+        self.worker = OrderedWorker(f"tuneloop-engine:{base.name}")
+        self._ids = itertools.count()
+        self._linear_leaves = {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    # ---- adapters ------------------------------------------------------------------------------
+    def new_adapter_name(self, prefix: str = "lora") -> str:
+        return f"{prefix}{next(self._ids)}"
+
+    def add_adapter(self, name: str, lora: LoraConfig) -> AdapterState:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import PeftModel, get_peft_model
+
+        targets = lora_target_modules(self._linear_leaves, lora.train_attn, lora.train_mlp, lora.train_unembed)
+        cfg = PeftLoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha if lora.alpha is not None else lora.rank,
+            lora_dropout=0.0,
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        seed = lora.seed if lora.seed is not None else 0
+        with torch.random.fork_rng():  # adapter init never perturbs the caller's RNG stream
+            torch.manual_seed(seed)
+            if isinstance(self.model, PeftModel):
+                self.model.add_adapter(name, cfg)
+            else:
+                self.model = get_peft_model(self.model, cfg, adapter_name=name)
+        params = {n: p for n, p in self.model.named_parameters() if f".{name}." in n}
+        for p in params.values():
+            p.data = p.data.float()  # adapters train in fp32 even over a bf16 base
+        st = AdapterState(name=name, lora=lora, params=params)
+        self.adapters[name] = st
+        return st
+
+    def remove_adapter(self, name: str) -> None:
+        from peft import PeftModel
+
+        if name in self.adapters and isinstance(self.model, PeftModel):
+            del self.adapters[name]
+            with contextlib.suppress(Exception):
+                self.model.delete_adapter(name)
+
+    def activate(self, name: str | None) -> contextlib.AbstractContextManager[Any]:
+        """Select adapter `name` (None = the bare base model) for the next computation."""
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel):
+            return contextlib.nullcontext()
+        if name is None:
+            return self.model.disable_adapter()
+        self.model.base_model.set_adapter(name)
+        for n, p in self.model.named_parameters():  # peft toggles requires_grad; keep only this adapter live
+            p.requires_grad_(f".{name}." in n)
+        return contextlib.nullcontext()
+
+    def submit(self, fn: Callable[[], Any]) -> APIFuture[Any]:
+        return self.worker.submit(fn)
+
+    # ---- validation --------------------------------------------------------------------------------
+    def validate(self, data: list[Datum], loss_fn: str | None) -> None:
+        if not data:
+            raise InputError("empty batch: forward_backward needs at least one Datum")
+        vocab, max_len = self.base.vocab_size, self.base.max_length
+        need = losses.LOSS_INPUTS.get(loss_fn, ("target_tokens",)) if loss_fn else ("target_tokens",)
+        for i, d in enumerate(data):
+            toks = d.model_input.to_ints()
+            T = len(toks)
+            if T == 0:
+                raise InputError(f"datum {i}: empty model_input")
+            if T > max_len:
+                raise InputError(f"datum {i}: {T} tokens exceed the model's context of {max_len}")
+            bad = [(j, t) for j, t in enumerate(toks) if not 0 <= t < vocab]
+            if bad:
+                raise InputError(f"datum {i}: token id {bad[0][1]} at position {bad[0][0]} outside vocab [0, {vocab})")
+            for key in need:
+                if key not in d.loss_fn_inputs:
+                    raise InputError(f"datum {i}: loss_fn_inputs is missing {key!r} (needed by {loss_fn})")
+            for key, td in d.loss_fn_inputs.items():
+                n = len(td.data)
+                if n != T:
+                    raise InputError(f"datum {i}: loss_fn_inputs[{key!r}] has {n} values, model_input has {T} tokens")
+            tgt = d.loss_fn_inputs["target_tokens"].data
+            badt = [t for t in tgt if not 0 <= int(t) < vocab]
+            if badt:
+                raise InputError(f"datum {i}: target token id {badt[0]} outside vocab [0, {vocab})")
+
+    # ---- compute -----------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.compute_dtype == "bfloat16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def target_logprobs(self, data: list[Datum]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token logprobs of targets, `lp_B_T` (right-padded) and the validity mask `mask_B_T`."""
+        B = len(data)
+        lens = [d.model_input.length for d in data]
+        T = max(lens)
+        pad = int(self.base.tokenizer.pad_token_id or 0)
+        tokens_B_T = torch.full((B, T), pad, dtype=torch.long)
+        targets_B_T = torch.zeros((B, T), dtype=torch.long)
+        mask_B_T = torch.zeros((B, T), dtype=torch.bool)
+        for i, d in enumerate(data):
+            n = lens[i]
+            tokens_B_T[i, :n] = torch.tensor(d.model_input.to_ints())
+            targets_B_T[i, :n] = d.loss_fn_inputs["target_tokens"].to_torch().reshape(-1)
+            mask_B_T[i, :n] = True
+        with self._autocast():
+            logits_B_T_V = self.model(input_ids=tokens_B_T, attention_mask=mask_B_T.long()).logits
+        V = logits_B_T_V.shape[-1]
+        lp_B_T = -torch.nn.functional.cross_entropy(
+            logits_B_T_V.float().reshape(-1, V), targets_B_T.reshape(-1), reduction="none"
+        ).reshape(B, T)
+        return lp_B_T * mask_B_T, mask_B_T
+
+    @staticmethod
+    def split(lp_B_T: torch.Tensor, data: list[Datum]) -> list[torch.Tensor]:
+        return [lp_B_T[i, : d.model_input.length] for i, d in enumerate(data)]
+
+    @staticmethod
+    def flat_inputs(data: list[Datum]) -> dict[str, torch.Tensor]:
+        keys = set().union(*(d.loss_fn_inputs.keys() for d in data))
+        out = {}
+        for k in keys:
+            if all(k in d.loss_fn_inputs for d in data):
+                out[k] = torch.cat([d.loss_fn_inputs[k].to_torch().reshape(-1).float() for d in data])
+        return out
+
+    def forward_backward(
+        self, adapter: str | None, data: list[Datum], loss_fn: str, cfg: dict[str, float] | None, backward: bool
+    ) -> ForwardBackwardOutput:
+        losses.check_loss_fn(loss_fn, cfg)
+        self.validate(data, loss_fn)
+        with self.activate(adapter):
+            grad_ctx = contextlib.nullcontext() if backward else torch.no_grad()
+            with grad_ctx:
+                lp_B_T, _ = self.target_logprobs(data)
+                lp_list = self.split(lp_B_T, data)
+                loss = losses.compute_loss(loss_fn, torch.cat(lp_list), self.flat_inputs(data), cfg)
+                if backward:
+                    loss.backward()
+                    self.adapters[adapter].pending_grads = True  # type: ignore[index]
+        return self._output(lp_list, {"loss:sum": float(loss.detach())})
+
+    def forward_backward_custom(
+        self, adapter: str, data: list[Datum], fn: Callable[[list[Datum], list[torch.Tensor]], Any]
+    ) -> ForwardBackwardOutput:
+        """User loss on logprobs with autograd, in one forward pass (Tinker needs two)."""
+        self.validate(data, None)
+        with self.activate(adapter):
+            lp_B_T, _ = self.target_logprobs(data)
+            lp_list = self.split(lp_B_T, data)
+            loss, metrics = fn(data, lp_list)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise InputError("forward_backward_custom: the loss function must return (scalar tensor, metrics dict)")
+            loss.backward()
+            self.adapters[adapter].pending_grads = True
+        out = {f"{k}" if ":" in k else f"{k}:sum": float(v) for k, v in (metrics or {}).items()}
+        out["loss:sum"] = float(loss.detach())
+        return self._output(lp_list, out)
+
+    @staticmethod
+    def _output(lp_list: list[torch.Tensor], metrics: dict[str, float]) -> ForwardBackwardOutput:
+        outs = [{"logprobs": TensorData.from_torch(lp.detach())} for lp in lp_list]
+        return ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", loss_fn_outputs=outs, metrics=metrics)
+
+    def optim_step(self, adapter: str, adam: AdamParams) -> dict[str, float]:
+        st = self.adapters[adapter]
+        params = list(st.params.values())
+        if st.optimizer is None:
+            st.optimizer = torch.optim.AdamW(params, lr=adam.learning_rate)
+        for g in st.optimizer.param_groups:
+            g.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
+                     weight_decay=adam.weight_decay)
+        metrics: dict[str, float] = {}
+        if adam.grad_clip_norm and adam.grad_clip_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, adam.grad_clip_norm)
+            metrics["grad_norm:mean"] = float(norm)
+        if not st.pending_grads:
+            log.warning("optim_step on adapter %s with no accumulated gradients", adapter)
+        st.optimizer.step()
+        st.optimizer.zero_grad(set_to_none=True)
+        st.pending_grads = False
+        st.step += 1
+        metrics["step:max"] = float(st.step)
+        return metrics
+
+
+_ENGINES: dict[tuple[str, str], Engine] = {}
+_LOCK = threading.Lock()
+
+
+def get_engine(base_model: str, compute_dtype: str = "float32", load_dtype: str = "float32") -> Engine:
+    """The process-wide engine for `base_model` (created on first use, then shared)."""
+    key = (base_model, f"{load_dtype}/{compute_dtype}")
+    with _LOCK:
+        eng = _ENGINES.get(key)
+        if eng is None:
+            eng = Engine(load_base(base_model, load_dtype), compute_dtype=compute_dtype)
+            _ENGINES[key] = eng
+        return eng
+
+
+def iter_engines() -> Iterator[Engine]:
+    return iter(list(_ENGINES.values()))
