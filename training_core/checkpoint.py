@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
-FORMAT = "tuneloop-checkpoint/1"
+FORMAT = "tuneloop.checkpoint.manifest/v1"  # shared with infra.storage (same manifest on disk and in S3)
 
 
 class CheckpointError(RuntimeError):
@@ -72,7 +72,8 @@ def write_checkpoint(
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
             files[name] = {"sha256": sha256_file(p), "size": p.stat().st_size}
-        manifest = {"format": FORMAT, "created": time.time(), "files": files, "metadata": metadata}
+        manifest = {"format": FORMAT, "created_at": time.time(), "total_bytes": sum(f["size"] for f in files.values()),
+                    "files": files, "metadata": metadata}
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
             f.flush()

@@ -1,0 +1,75 @@
+"""The SFT pipeline's one typed config (YAML-loadable, `a.b=value` overridable, logged in full)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    base_model: str = "tiny"  # preset name, local HF dir or hub id
+    rank: int = 32
+    lora_alpha: float | None = None  # None: alpha = rank
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = True
+    compute_dtype: str = "float32"  # or bfloat16 (autocast)
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    task: str = "addition"  # a built-in generator (data.generators.TASKS), used when train_file is empty
+    task_kwargs: dict = field(default_factory=lambda: {"digits": 2})
+    n_train: int = 2000
+    n_eval: int = 200
+    seed: int = 0
+    train_file: str = ""  # your own chat JSONL ({"messages": [...], "answer": ...} per line)
+    eval_file: str = ""
+    renderer: str = "chat_template"
+    train_on_what: str = "last_assistant_message"
+    max_length: int = 128
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 1.0
+    save_every: int = 100
+    eval_loss_examples: int = 64
+
+
+@dataclass
+class EvalConfig:
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    n_examples: int = 200
+    batch_size: int = 100
+    bootstrap_resamples: int = 2000
+    confidence: float = 0.95
+    min_effect: float = 0.05
+    guard_margin: float = 0.05
+    guards: list[str] = field(default_factory=list)  # built-in guard benchmarks, e.g. ["heldout_text"]
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "demo"
+    run_root: str = ".tuneloop/runs"  # local working dir of runs
+    storage_uri: str = ""  # where finished checkpoints go: file://... or s3://bucket/prefix ("" = run_root)
+    tracking_uri: str = ""  # MLflow; "" = sqlite:///.tuneloop/mlflow.db
+    experiment: str = "tuneloop"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

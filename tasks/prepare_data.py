@@ -1,0 +1,143 @@
+"""Stage 1: prepare and validate the chat dataset; cached by a hash of its inputs and config.
+
+A cache entry is a committed (manifest-verified) directory. One whose files were deleted or changed is
+recomputed, never trusted (pain-points cluster 10).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from flows.sft_config import DataConfig
+from training_core.checkpoint import CheckpointError, verify_checkpoint, write_checkpoint
+
+log = logging.getLogger(__name__)
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class DataValidationError(ValueError):
+    """A dataset row is malformed; the message names the file, line and field."""
+
+
+@dataclass
+class DatasetInfo:
+    dir: str
+    train_path: str
+    eval_path: str
+    n_train: int
+    n_eval: int
+    hash: str
+    cached: bool
+
+
+def validate_row(row: Any, path: str, line: int, need_answer: bool) -> dict[str, Any]:
+    def err(fld: str, msg: str) -> DataValidationError:
+        return DataValidationError(f"{path}:{line}: field '{fld}': {msg}")
+
+    if not isinstance(row, dict):
+        raise err("<row>", f"expected a JSON object, got {type(row).__name__}")
+    msgs = row.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise err("messages", "missing or not a non-empty list of {role, content} objects")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise err(f"messages[{i}]", "not an object")
+        if m.get("role") not in ROLES:
+            raise err(f"messages[{i}].role", f"{m.get('role')!r} is not one of {list(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise err(f"messages[{i}].content", "missing or not a string")
+    if msgs[-1]["role"] != "assistant":
+        raise err(f"messages[{len(msgs) - 1}].role", "the last message must be the assistant's (the target)")
+    if not msgs[-1]["content"].strip():
+        raise err(f"messages[{len(msgs) - 1}].content", "the assistant target is empty")
+    if need_answer and not isinstance(row.get("answer"), str):
+        raise err("answer", "eval rows need a string 'answer' to grade against")
+    return row
+
+
+def read_chat_jsonl(path: str | Path, need_answer: bool = False) -> list[dict[str, Any]]:
+    """Read and validate every row before returning (so nothing downstream sees a bad file)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataValidationError(f"{p}: file not found")
+    rows = []
+    with open(p, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataValidationError(f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+            rows.append(validate_row(row, str(p), lineno, need_answer))
+    if not rows:
+        raise DataValidationError(f"{p}: no rows")
+    return rows
+
+
+def _file_hash(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
+
+
+def dataset_hash(cfg: DataConfig) -> str:
+    key = {"cfg": asdict(cfg), "train": _file_hash(cfg.train_file), "eval": _file_hash(cfg.eval_file)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _with_ids(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        if "id" not in r:
+            blob = json.dumps({"m": r["messages"], "a": r.get("answer")}, sort_keys=True)
+            r = {**r, "id": hashlib.sha256(blob.encode()).hexdigest()[:16]}
+        out.append(r)
+    return out
+
+
+def build_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    if cfg.train_file:
+        train = read_chat_jsonl(cfg.train_file)
+        if not cfg.eval_file:
+            raise DataValidationError("data.train_file is set but data.eval_file is not: give a held-out eval set")
+        evl = read_chat_jsonl(cfg.eval_file, need_answer=True)
+        return _with_ids(train), _with_ids(evl)
+    from data.generators import train_eval
+
+    train, evl = train_eval(cfg.task, cfg.n_train, cfg.n_eval, seed=cfg.seed, **cfg.task_kwargs)
+    return [dict(r) for r in train], [dict(r) for r in evl]
+
+
+def _write_jsonl(rows: list[dict[str, Any]]) -> Any:
+    def write(p: Path) -> None:
+        p.write_text("".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows))
+
+    return write
+
+
+def prepare_dataset(cfg: DataConfig, cache_root: str | Path) -> DatasetInfo:
+    h = dataset_hash(cfg)
+    d = Path(cache_root) / "datasets" / h
+    if d.exists():
+        try:
+            m = verify_checkpoint(d)
+            log.info("dataset cache hit %s", d)
+            return DatasetInfo(str(d), str(d / "train.jsonl"), str(d / "eval.jsonl"), m["metadata"]["n_train"],
+                               m["metadata"]["n_eval"], h, cached=True)
+        except CheckpointError as e:
+            log.warning("dataset cache entry %s is not usable (%s); recomputing", d, e)
+            shutil.rmtree(d)
+    train, evl = build_rows(cfg)  # validates everything before anything is written
+    ids = {r["id"] for r in train}
+    leaked = [r["id"] for r in evl if r["id"] in ids]
+    if leaked:
+        raise DataValidationError(f"{len(leaked)} eval rows also appear in the training set (e.g. id {leaked[0]})")
+    write_checkpoint(d, {"train.jsonl": _write_jsonl(train), "eval.jsonl": _write_jsonl(evl)},
+                     {"n_train": len(train), "n_eval": len(evl), "config": asdict(cfg)})
+    log.info("prepared dataset %s: %d train / %d eval rows", d, len(train), len(evl))
+    return DatasetInfo(str(d), str(d / "train.jsonl"), str(d / "eval.jsonl"), len(train), len(evl), h, cached=False)
