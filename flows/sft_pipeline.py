@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -200,12 +199,3 @@ def format_summary(r: PipelineResult) -> str:
     w = max(len(k) for k, _ in rows)
     line = "-" * (w + 3 + max(len(v) for _, v in rows))
     return "\n".join([line, *(f"{k.ljust(w)} | {v}" for k, v in rows), line])
-
-
-def env_defaults() -> None:
-    """Offline + no telemetry + state under .tuneloop, for every entry point."""
-    for k, v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                 "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
-                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false",
-                 "PREFECT_HOME": str(Path(".tuneloop/prefect").resolve())}.items():
-        os.environ.setdefault(k, v)

@@ -37,9 +37,6 @@ def _load_sft_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_run_sft(args: argparse.Namespace) -> int:
-    from flows.sft_pipeline import env_defaults
-
-    env_defaults()
     from flows.sft_pipeline import format_summary, sft_pipeline
     from infra.config import dump_yaml, to_dict
 
@@ -134,6 +131,9 @@ def _maybe_register(sub: Any, module: str, fn: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tuneloop_cli.env import apply_env_defaults
+
+    apply_env_defaults()
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
