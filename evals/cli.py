@@ -1,0 +1,162 @@
+"""`tuneloop eval` and `tuneloop compare` subcommands, registered on the lead's argparse CLI.
+
+    from evals.cli import add_eval_commands, set_generator_factory
+    set_generator_factory(lambda checkpoint_path: MyGenerator(checkpoint_path))
+    add_eval_commands(subparsers)
+    args = parser.parse_args(); sys.exit(args.func(args))
+
+Exit codes: 0 ok / gate passed, 1 gate failed, 2 bad input (unknown checkpoint, protocol mismatch, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from evals.compare import GatePolicy, compare, format_verdict_table
+from evals.protocols import Generator, ProtocolMismatchError
+from evals.report import write_report
+from evals.runner import EvalResult, evaluate, load_eval_result
+from evals.store import ResultStore
+from evals.suite import DEFAULT_BUILTINS, Suite, default_suite, load_suite
+
+GeneratorFactory = Callable[[str], Generator]
+_FACTORY: GeneratorFactory | None = None
+
+
+def set_generator_factory(fn: GeneratorFactory | None) -> None:
+    """Register how a checkpoint path becomes a Generator (the lead wires training_core in here)."""
+    global _FACTORY
+    _FACTORY = fn
+
+
+def get_generator_factory() -> GeneratorFactory | None:
+    return _FACTORY
+
+
+class CliError(Exception):
+    pass
+
+
+def _suite(args: argparse.Namespace) -> Suite:
+    if args.suite:
+        return load_suite(args.suite)
+    names = [b.strip() for b in args.benchmarks.split(",") if b.strip()] if args.benchmarks else None
+    return default_suite(names, n=args.n, seed=args.seed)
+
+
+def _resolve(ref: str, suite: Suite, args: argparse.Namespace) -> EvalResult:
+    """A result folder (has checkpoint.json) is loaded; a checkpoint is evaluated (resuming) or looked up."""
+    p = Path(ref)
+    if (p / "checkpoint.json").exists():
+        return load_eval_result(p)
+    store = ResultStore(args.results_dir)
+    if _FACTORY is not None:
+        return _evaluate_checkpoint(ref, suite, store, args)
+    stored = store.checkpoint_dir(ref)
+    if (stored / "checkpoint.json").exists():
+        return load_eval_result(stored)
+    raise CliError(f"{ref!r}: not a result folder, no results under {args.results_dir}, and no generator "
+                   f"factory registered (evals.cli.set_generator_factory) to evaluate it")
+
+
+def _evaluate_checkpoint(ref: str, suite: Suite, store: ResultStore, args: argparse.Namespace) -> EvalResult:
+    if _FACTORY is None:
+        raise CliError("no generator factory registered (evals.cli.set_generator_factory)")
+    if not suite.benchmarks:
+        raise CliError("the suite has no benchmarks")
+    gen = _FACTORY(ref)
+
+    def progress(name: str, done: int, total: int) -> None:
+        if not args.json:
+            print(f"  {name}: {done}/{total}", file=sys.stderr)
+
+    return evaluate(gen, suite.benchmarks, suite.protocol, store, checkpoint=ref, batch_size=args.batch_size,
+                    progress=progress)
+
+
+def _summary_table(result: EvalResult) -> str:
+    rows = [["benchmark", "n", "mean", "95% CI", "extra", "protocol"]]
+    for name, br in result.benchmarks.items():
+        s = br.summary()
+        extra = f"ppl={s['perplexity']:.3f}" if "perplexity" in s else ""
+        if "pass_at_k" in s:
+            extra = " ".join(f"pass@{k}={v:.3f}" for k, v in s["pass_at_k"].items())
+        ci = f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}]" if "ci_low" in s else "-"
+        rows.append([name, f"{s['n']}/{s['n_expected']}", f"{s['mean']:.3f}", ci, extra, br.protocol_hash])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"checkpoint: {result.checkpoint}"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        suite = _suite(args)
+        result = _evaluate_checkpoint(args.checkpoint, suite, ResultStore(args.results_dir), args)
+    except (CliError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.summary(), indent=2, sort_keys=True))
+    else:
+        print(_summary_table(result))
+    if args.report:
+        index = write_report(args.report, results=[result], title=f"eval: {result.checkpoint}")
+        if not args.json:
+            print(f"report: {index}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    try:
+        suite = _suite(args)
+        gate: GatePolicy = GatePolicy.from_yaml(args.gate) if args.gate else suite.gate
+        result_a, result_b = _resolve(args.a, suite, args), _resolve(args.b, suite, args)
+        report = compare(result_a, result_b, gate,
+                         allow_protocol_mismatch=True if args.allow_protocol_mismatch else None)
+    except (CliError, ProtocolMismatchError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(report.to_json())
+    else:
+        print(format_verdict_table(report))
+    if args.report:
+        curves: Any = json.loads(Path(args.loss_curves).read_text()) if args.loss_curves else None
+        index = write_report(args.report, report=report, results=[result_a, result_b], loss_curves=curves,
+                             title=f"compare: {result_a.checkpoint} vs {result_b.checkpoint}")
+        if not args.json:
+            print(f"report: {index}")
+    return 0 if report.gate.passed else 1
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results-dir", default="eval_results", help="per-example result store (default: eval_results)")
+    p.add_argument("--suite", help="suite YAML (protocol, benchmarks, gate); overrides --benchmarks/--n")
+    p.add_argument("--benchmarks", help=f"comma list of built-ins (default: {','.join(DEFAULT_BUILTINS)})")
+    p.add_argument("--n", type=int, default=100, help="examples per built-in benchmark")
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in generators")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per Generator.generate call")
+    p.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+    p.add_argument("--report", metavar="DIR", help="write an HTML report with PNG plots to DIR")
+
+
+def add_eval_commands(subparsers: Any) -> None:
+    """Register `eval` and `compare` on an argparse subparsers object; each sets `func(args) -> int`."""
+    pe = subparsers.add_parser("eval", help="evaluate a checkpoint on a suite (resumable)")
+    pe.add_argument("checkpoint", help="checkpoint path or name, passed to the generator factory")
+    _common(pe)
+    pe.set_defaults(func=_cmd_eval)
+    pc = subparsers.add_parser("compare", help="paired comparison of two checkpoints / result folders + gate")
+    pc.add_argument("a", help="baseline: result folder or checkpoint")
+    pc.add_argument("b", help="candidate: result folder or checkpoint")
+    _common(pc)
+    pc.add_argument("--gate", help="gate policy YAML (targets, guards, margins); default: the suite's gate")
+    pc.add_argument("--allow-protocol-mismatch", action="store_true", help="compare despite differing protocols")
+    pc.add_argument("--loss-curves", help="JSON {name: [[step, loss], ...]} to plot in the report")
+    pc.set_defaults(func=_cmd_compare)
