@@ -45,6 +45,8 @@ class TrainConfig:
     grad_clip_norm: float = 1.0
     save_every: int = 100
     eval_loss_examples: int = 64
+    eval_every: int = 0  # run the target benchmark on the current weights every N steps (0 = off)
+    eval_every_examples: int = 50
 
 
 @dataclass
@@ -60,6 +62,8 @@ class EvalConfig:
     min_effect: float = 0.05
     guard_margin: float = 0.05
     guards: list[str] = field(default_factory=list)  # built-in guard benchmarks, e.g. ["heldout_text"]
+    guard_examples: int = 100
+    guard_margins: dict = field(default_factory=dict)  # per-guard non-inferiority margins (nats/token for text)
 
 
 @dataclass

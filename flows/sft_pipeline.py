@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger, task
 from flows.sft_config import PipelineConfig
 from infra import tracking
 from infra.config import from_dict, to_dict
-from tasks.evaluate import evaluate_model, target_benchmark
+from tasks.evaluate import evaluate_model, guard_benchmarks, target_benchmark
 from tasks.prepare_data import DatasetInfo, prepare_dataset
 from tasks.train import TrainResult, train_sft
 
@@ -48,6 +48,7 @@ class PipelineResult:
     verdict: str
     gate_passed: bool
     verdict_table: str
+    report_path: str
     train_loss_first: float
     train_loss_last: float
     eval_loss_before: float | None
@@ -71,6 +72,29 @@ def prepare_data_task(cfg: dict[str, Any], cache_root: str) -> DatasetInfo:
     return info
 
 
+@task(name="data-quality", retries=0)
+def data_quality_task(cfg: dict[str, Any], ds: DatasetInfo, out_dir: str) -> dict[str, Any]:
+    """Blocking problems (empty / unweighted examples, eval contamination, ...) stop the pipeline here."""
+    from transformers import AutoTokenizer
+
+    from evals.data_quality import check_training_data
+    from tasks.train import read_rows
+    from training_core.model_loading import resolve
+    from training_core.renderers import TrainOnWhat, get_renderer
+
+    c = from_dict(PipelineConfig, cfg)
+    tok = AutoTokenizer.from_pretrained(resolve(c.model.base_model))
+    renderer = get_renderer(c.data.renderer, tok)
+    rows = read_rows(ds.train_path)
+    evals = {"target": [json.dumps(r["messages"][:-1]) for r in read_rows(ds.eval_path)]}
+    rep = check_training_data([r["messages"] for r in rows], tok,
+                              lambda m: renderer.build_supervised_example(m, TrainOnWhat(c.data.train_on_what)),
+                              out_dir, eval_sets=evals)
+    summary = {"problems": [p.message for p in rep.problems], "stats": rep.stats}
+    _logger().info("data quality: %d problem(s); report in %s", len(rep.problems), out_dir)
+    return summary
+
+
 @task(name="train", retries=2, retry_delay_seconds=0)
 def train_task(cfg: dict[str, Any], ds: DatasetInfo, run_dir: str, mlflow_run_id: str) -> TrainResult:
     c = from_dict(PipelineConfig, cfg)
@@ -78,7 +102,25 @@ def train_task(cfg: dict[str, Any], ds: DatasetInfo, run_dir: str, mlflow_run_id
     def on_step(step: int, metrics: dict[str, float]) -> None:
         tracking.log_metrics(metrics, step=step, run_id=mlflow_run_id)
 
-    res = train_sft(c, ds.train_path, ds.eval_path, run_dir, on_step=on_step)
+    periodic = None
+    if c.train.eval_every > 0:
+        from evals.periodic import PeriodicEvaluator
+        from tasks.evaluate import eval_protocol
+        from training_core.textgen import SamplingGenerator
+
+        bench = target_benchmark(ds.eval_path, c.train.eval_every_examples, name="target")
+        evaluator = PeriodicEvaluator([bench], c.train.eval_every, eval_protocol(c),
+                                      store=Path(run_dir) / "eval_during_training", batch_size=c.eval.batch_size,
+                                      log_fn=lambda m, s: tracking.log_metrics(m, step=s, run_id=mlflow_run_id))
+
+        def periodic(step: int, tc: Any) -> None:
+            gen = SamplingGenerator(tc.save_weights_and_get_sampling_client(), f"step-{step}",
+                                    renderer=c.data.renderer, batch_size=c.eval.batch_size)
+            m = evaluator.maybe_run(step, gen)
+            if m:
+                _logger().info("eval at step %d: %s", step, {k: round(v, 3) for k, v in m.items()})
+
+    res = train_sft(c, ds.train_path, ds.eval_path, run_dir, on_step=on_step, periodic=periodic)
     _logger().info("train: %d steps (resumed from %d), loss %.3f -> %.3f, eval loss %.3f -> %.3f",
                    res.steps, res.resumed_from, res.losses[0][1] if res.losses else float("nan"),
                    res.losses[-1][1] if res.losses else float("nan"), res.eval_loss_before or float("nan"),
@@ -101,8 +143,8 @@ def store_checkpoint_task(local_checkpoint: str, storage_uri: str, key: str) -> 
 @task(name="evaluate", retries=1, retry_delay_seconds=0)
 def evaluate_task(cfg: dict[str, Any], eval_path: str, checkpoint: str | None, name: str, results_dir: str) -> Any:
     c = from_dict(PipelineConfig, cfg)
-    bench = target_benchmark(eval_path, c.eval.n_examples)
-    res = evaluate_model(c, [bench], checkpoint, name, results_dir)
+    benches = [target_benchmark(eval_path, c.eval.n_examples), *guard_benchmarks(c)]
+    res = evaluate_model(c, benches, checkpoint, name, results_dir)
     _logger().info("eval %s: %s", name, {k: round(v, 4) for k, v in res.means().items()})
     return res
 
@@ -113,6 +155,7 @@ def compare_task(cfg: dict[str, Any], base: Any, tuned: Any) -> Any:
 
     c = from_dict(PipelineConfig, cfg)
     pol = GatePolicy(targets=["target"], guards=list(c.eval.guards), guard_margin=c.eval.guard_margin,
+                     guard_margins=dict(c.eval.guard_margins),
                      min_effect=c.eval.min_effect, confidence=c.eval.confidence,
                      n_bootstrap=c.eval.bootstrap_resamples, seed=c.eval.seed)
     return compare(base, tuned, pol)
@@ -137,6 +180,10 @@ def sft_pipeline(config: dict[str, Any], run_name: str | None = None) -> Pipelin
         tracking.log_params(cfgd)
         tracking.log_dict(cfgd, "config.json")
         ds = prepare_data_task(cfgd, str(Path(cfg.run_root).parent / "cache"))
+        dq_dir = run_dir / "data_quality"
+        dq = data_quality_task(cfgd, ds, str(dq_dir))
+        tracking.log_artifact(dq_dir, "data_quality")
+        tracking.log_metrics({"data_quality_problems": float(len(dq["problems"]))})
         with tracking.run("train", nested=True) as tr:
             tracking.log_params({"dataset_hash": ds.hash, "n_train": ds.n_train})
             train = train_task(cfgd, ds, str(run_dir), tr.info.run_id)
@@ -165,11 +212,16 @@ def sft_pipeline(config: dict[str, Any], run_name: str | None = None) -> Pipelin
         mlflow.set_tags({"verdict": verdict, "gate": "passed" if report.gate.passed else "failed",
                          "checkpoint_uri": ckpt_uri})
         tracking.log_dict(report.to_dict(include_flips=True), "comparison.json")
+        from evals.report import write_report
+
+        report_path = write_report(run_dir / "report", report=report, results=[base_res, tuned_res],
+                                   loss_curves={"train loss": train.losses})
+        tracking.log_artifact(run_dir / "report", "report")
         result = PipelineResult(
             run_name=run_name, run_dir=str(run_dir), mlflow_run_id=parent.info.run_id, tracking_uri=uri,
             checkpoint_uri=ckpt_uri, local_checkpoint=train.checkpoint, base_score=tgt.mean_a,
             tuned_score=tgt.mean_b, diff=tgt.diff, diff_ci=tuple(tgt.diff_ci), p_value=tgt.p_value,
-            verdict=verdict, gate_passed=report.gate.passed, verdict_table=table,
+            verdict=verdict, gate_passed=report.gate.passed, verdict_table=table, report_path=str(report_path),
             train_loss_first=train.losses[0][1] if train.losses else float("nan"),
             train_loss_last=train.losses[-1][1] if train.losses else float("nan"),
             eval_loss_before=train.eval_loss_before, eval_loss_after=train.eval_loss_after,
@@ -192,6 +244,7 @@ def format_summary(r: PipelineResult) -> str:
         ("train loss", f"{r.train_loss_first:.3f} -> {r.train_loss_last:.3f}"),
         ("eval loss", f"{(r.eval_loss_before or 0):.3f} -> {(r.eval_loss_after or 0):.3f}"),
         ("checkpoint", r.checkpoint_uri),
+        ("report", r.report_path),
         ("MLflow run", r.mlflow_run_id),
         ("open the UI", tracking.ui_command(r.tracking_uri)),
         ("wall time", f"{r.seconds:.0f} s"),

@@ -26,6 +26,12 @@ def target_benchmark(eval_path: str, n: int, name: str = "target") -> Benchmark:
     return Benchmark(name, examples, make_grader(DEFAULT_GRADER), description="held-out split of the training task")
 
 
+def guard_benchmarks(cfg: PipelineConfig) -> list[Any]:
+    from evals.builtin import builtin_benchmark
+
+    return [builtin_benchmark(name, cfg.eval.guard_examples, seed=cfg.eval.seed) for name in cfg.eval.guards]
+
+
 def eval_protocol(cfg: PipelineConfig) -> EvalProtocol:
     e = cfg.eval
     return EvalProtocol(renderer=cfg.data.renderer, max_tokens=e.max_tokens, temperature=e.temperature,

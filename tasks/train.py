@@ -97,8 +97,12 @@ def mean_token_loss(tc: TrainingClient, datums: list[types.Datum]) -> float:
 
 def train_sft(cfg: PipelineConfig, train_path: str, eval_path: str, run_dir: str | Path,
               on_step: Callable[[int, dict[str, float]], None] | None = None,
-              stop_after: int | None = None) -> TrainResult:
-    """Run (or resume) SFT; `stop_after` ends early after that many steps (tests of interruption)."""
+              stop_after: int | None = None,
+              periodic: Callable[[int, TrainingClient], None] | None = None) -> TrainResult:
+    """Run (or resume) SFT; `stop_after` ends early after that many steps (tests of interruption).
+
+    `periodic(step, client)` runs every `train.eval_every` steps on the current weights (exactly `step` updates).
+    """
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
     service = ServiceClient(checkpoint_root=ckpt_root, compute_dtype=cfg.model.compute_dtype)
@@ -128,9 +132,15 @@ def train_sft(cfg: PipelineConfig, train_path: str, eval_path: str, run_dir: str
     t = cfg.train
     end = t.steps if stop_after is None else min(t.steps, start + stop_after)
     bar = tqdm(range(start, end), desc="train", initial=start, total=t.steps, dynamic_ncols=True)
+    every = t.eval_every if periodic is not None else 0
     # Submit step s+1's work before waiting on step s's results (the engine runs them in order).
     pending: tuple[int, Any, Any, float] | None = None
     for step in bar:
+        if every and step % every == 0 and step > start:
+            if pending is not None:
+                _finish(pending, history, res, bar, on_step)  # eval sees exactly `step` optimizer steps
+                pending = None
+            periodic(step, tc)  # type: ignore[misc]
         batch = [train_d[i] for i in batch_indices(step, t.batch_size, len(train_d), m.seed)]
         wsum = sum(sum(x.loss_fn_inputs["weights"].data) for x in batch)
         lr = lr_at(step, cfg)
@@ -147,6 +157,8 @@ def train_sft(cfg: PipelineConfig, train_path: str, eval_path: str, run_dir: str
             _write_history(metrics_path, history)
     if pending is not None:
         _finish(pending, history, res, bar, on_step)
+    if every and end == t.steps:
+        periodic(end, tc)  # type: ignore[misc]
     bar.close()
     if end < t.steps:  # interrupted on purpose: leave the newest checkpoint as is
         _write_history(metrics_path, history)

@@ -130,7 +130,7 @@ def test_custom_loss_single_pass_matches_two_pass(tc):
 
     def custom(batch, logprobs):
         # A non-linear loss of the logprobs: squared distance to a per-datum target value.
-        loss = sum(((lp - d.loss_fn_inputs["logprobs"].to_torch()) ** 2).mean() for d, lp in zip(batch, logprobs))
+        loss = sum(((lp - d.loss_fn_inputs["logprobs"].to_torch()) ** 2).mean() for d, lp in zip(batch, logprobs, strict=True))
         return loss, {"custom_term:sum": float(loss)}
 
     zero_grads(tc)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import sys
 from collections.abc import Callable
@@ -124,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _maybe_register(sub: Any, module: str, fn: str) -> None:
     import importlib
+
+    if module == "evals.cli":
+        from evals.cli import set_generator_factory
+
+        def make_generator(spec: str) -> Any:  # lazy: keeps `tuneloop --help` free of torch imports
+            from tuneloop_cli.generators import make_generator as make
+
+            return make(spec)
+
+        set_generator_factory(make_generator)
 
     with contextlib.suppress(ImportError, AttributeError):
         register: Callable[[Any], None] = getattr(importlib.import_module(module), fn)
