@@ -45,6 +45,8 @@ class TrainConfig:
     grad_clip_norm: float = 1.0
     save_every: int = 100
     eval_loss_examples: int = 64
+    subprocess: bool = False  # train in a child process (crash isolation; retries resume from a checkpoint)
+    timeout_s: int = 0  # kill a subprocess run that exceeds this (0 = no limit)
     eval_every: int = 0  # run the target benchmark on the current weights every N steps (0 = off)
     eval_every_examples: int = 50
 

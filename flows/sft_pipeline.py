@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -120,12 +121,41 @@ def train_task(cfg: dict[str, Any], ds: DatasetInfo, run_dir: str, mlflow_run_id
             if m:
                 _logger().info("eval at step %d: %s", step, {k: round(v, 3) for k, v in m.items()})
 
-    res = train_sft(c, ds.train_path, ds.eval_path, run_dir, on_step=on_step, periodic=periodic)
+    if c.train.subprocess:
+        res = _train_in_subprocess(cfg, ds, run_dir, mlflow_run_id, c.train.timeout_s)
+    else:
+        res = train_sft(c, ds.train_path, ds.eval_path, run_dir, on_step=on_step, periodic=periodic)
     _logger().info("train: %d steps (resumed from %d), loss %.3f -> %.3f, eval loss %.3f -> %.3f",
                    res.steps, res.resumed_from, res.losses[0][1] if res.losses else float("nan"),
                    res.losses[-1][1] if res.losses else float("nan"), res.eval_loss_before or float("nan"),
                    res.eval_loss_after or float("nan"))
     return res
+
+
+def _train_in_subprocess(cfg: dict[str, Any], ds: DatasetInfo, run_dir: str, run_id: str, timeout_s: int
+                         ) -> TrainResult:
+    import subprocess
+    import sys
+
+    rd = Path(run_dir)
+    rd.mkdir(parents=True, exist_ok=True)
+    cfg_path, result_path = rd / "train_config.json", rd / "train_result.json"
+    cfg_path.write_text(json.dumps(cfg))
+    result_path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "tasks.train_worker", str(cfg_path), ds.train_path, ds.eval_path, str(rd),
+           str(result_path), run_id]
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    try:
+        proc = subprocess.run(cmd, env=env, timeout=timeout_s or None)
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"training process exceeded train.timeout_s={timeout_s}s and was killed") from e
+    if proc.returncode != 0 or not result_path.exists():
+        raise RuntimeError(f"training process exited with code {proc.returncode}; a retry resumes from the last "
+                           f"committed checkpoint in {rd / 'checkpoints'}")
+    raw = json.loads(result_path.read_text())
+    raw["losses"] = [tuple(x) for x in raw["losses"]]
+    return TrainResult(**raw)
 
 
 @task(name="store-checkpoint", retries=3, retry_delay_seconds=1)
