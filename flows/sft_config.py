@@ -75,6 +75,8 @@ class PipelineConfig:
     storage_uri: str = ""  # where finished checkpoints go: file://... or s3://bucket/prefix ("" = run_root)
     tracking_uri: str = ""  # MLflow; "" = sqlite:///.tuneloop/mlflow.db
     experiment: str = "tuneloop"
+    registry_model: str = "tuneloop-sft"  # MLflow registered model; "" = do not register
+    init_from: str = ""  # start training from this checkpoint (e.g. the champion) instead of a fresh adapter
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

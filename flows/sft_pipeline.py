@@ -50,6 +50,8 @@ class PipelineResult:
     gate_passed: bool
     verdict_table: str
     report_path: str
+    model_version: str
+    promoted: bool
     train_loss_first: float
     train_loss_last: float
     eval_loss_before: float | None
@@ -191,6 +193,22 @@ def compare_task(cfg: dict[str, Any], base: Any, tuned: Any) -> Any:
     return compare(base, tuned, pol)
 
 
+@task(name="register", retries=2, retry_delay_seconds=1)
+def register_task(model: str, run_id: str, ckpt_uri: str, tracking_uri: str, verdict: dict[str, Any]
+                  ) -> tuple[str, bool]:
+    """Register the checkpoint as a model version with its verdict; `champion` moves only if the gate passed."""
+    if not model:
+        return "", False
+    from infra import registry
+
+    version = registry.register_checkpoint(run_id, ckpt_uri, model, {"pipeline": "sft"}, tracking_uri=tracking_uri)
+    registry.set_verdict_tags(model, version, verdict, tracking_uri=tracking_uri)
+    promoted = registry.promote_if_passed(model, version, bool(verdict["gate_passed"]), tracking_uri=tracking_uri)
+    _logger().info("registered %s version %s (%s)", model, version,
+                   "promoted to champion" if promoted else "champion unchanged: gate did not pass")
+    return version, promoted
+
+
 def run_paths(cfg: PipelineConfig, run_name: str) -> Path:
     return Path(cfg.run_root) / run_name
 
@@ -242,6 +260,11 @@ def sft_pipeline(config: dict[str, Any], run_name: str | None = None) -> Pipelin
         mlflow.set_tags({"verdict": verdict, "gate": "passed" if report.gate.passed else "failed",
                          "checkpoint_uri": ckpt_uri})
         tracking.log_dict(report.to_dict(include_flips=True), "comparison.json")
+        version, promoted = register_task(cfg.registry_model, parent.info.run_id, ckpt_uri, uri, {
+            "verdict": verdict, "gate_passed": report.gate.passed, "diff": round(tgt.diff, 6),
+            "diff_ci": [round(tgt.diff_ci[0], 6), round(tgt.diff_ci[1], 6)], "p_value": tgt.p_value,
+            "gate_failures": report.gate.failures, "run_name": run_name,
+        })
         from evals.report import write_report
 
         report_path = write_report(run_dir / "report", report=report, results=[base_res, tuned_res],
@@ -252,6 +275,7 @@ def sft_pipeline(config: dict[str, Any], run_name: str | None = None) -> Pipelin
             checkpoint_uri=ckpt_uri, local_checkpoint=train.checkpoint, base_score=tgt.mean_a,
             tuned_score=tgt.mean_b, diff=tgt.diff, diff_ci=tuple(tgt.diff_ci), p_value=tgt.p_value,
             verdict=verdict, gate_passed=report.gate.passed, verdict_table=table, report_path=str(report_path),
+            model_version=version, promoted=promoted,
             train_loss_first=train.losses[0][1] if train.losses else float("nan"),
             train_loss_last=train.losses[-1][1] if train.losses else float("nan"),
             eval_loss_before=train.eval_loss_before, eval_loss_after=train.eval_loss_after,
@@ -276,6 +300,7 @@ def format_summary(r: PipelineResult) -> str:
         ("checkpoint", r.checkpoint_uri),
         ("report", r.report_path),
         ("MLflow run", r.mlflow_run_id),
+        ("model version", f"{r.model_version} ({'champion' if r.promoted else 'not promoted'})"),
         ("open the UI", tracking.ui_command(r.tracking_uri)),
         ("wall time", f"{r.seconds:.0f} s"),
     ]

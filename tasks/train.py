@@ -89,6 +89,18 @@ def latest_checkpoint(ckpt_root: Path) -> tuple[int, str] | None:
     return best
 
 
+def _local_checkpoint(uri: str, dest: Path) -> str:
+    """A local, verified copy of a checkpoint given as a path, file:// or s3:// URI."""
+    if "://" not in uri:
+        return uri
+    if (dest / "manifest.json").exists():
+        return str(dest)
+    from infra.storage import open_storage
+
+    open_storage(uri).download_dir("", dest)
+    return str(dest)
+
+
 def mean_token_loss(tc: TrainingClient, datums: list[types.Datum]) -> float:
     out = tc.forward(datums, "cross_entropy").result()
     wsum = sum(sum(d.loss_fn_inputs["weights"].data) for d in datums)
@@ -108,7 +120,12 @@ def train_sft(cfg: PipelineConfig, train_path: str, eval_path: str, run_dir: str
     service = ServiceClient(checkpoint_root=ckpt_root, compute_dtype=cfg.model.compute_dtype)
     latest = latest_checkpoint(ckpt_root)
     m = cfg.model
-    if latest is None:
+    if latest is None and cfg.init_from:
+        src = _local_checkpoint(cfg.init_from, run_dir / "init")
+        log.info("starting from %s (weights only, fresh optimizer)", cfg.init_from)
+        tc = service.create_training_client_from_state(src)
+        start = 0
+    elif latest is None:
         tc = service.create_lora_training_client(m.base_model, rank=m.rank, seed=m.seed, train_mlp=m.train_mlp,
                                                  train_attn=m.train_attn, train_unembed=m.train_unembed,
                                                  lora_alpha=m.lora_alpha)
