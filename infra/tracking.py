@@ -67,10 +67,10 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str 
     if run_id is None:
         mlflow.log_metrics(clean, step=step)
     else:
+        import time
+
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
-
-        import time
 
         ts = int(time.time() * 1000)
         MlflowClient().log_batch(run_id, metrics=[Metric(k, v, ts, step or 0) for k, v in clean.items()])
