@@ -15,6 +15,10 @@ class ModelConfig:
     train_unembed: bool = True
     compute_dtype: str = "float32"  # or bfloat16 (autocast)
     seed: int = 0
+    backend: str = "local"  # "local" (in-process engine) | "deepspeed" (ZeRO ranks owned by the engine)
+    world_size: int = 2  # deepspeed only
+    zero_stage: int = 2  # deepspeed only: 2 or 3
+    ds_timeout_s: float = 600.0  # deepspeed only: a rank silent this long fails the task (retry resumes)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from flows.sft_config import PipelineConfig
-from training_core import ServiceClient, TrainingClient, types
+from training_core import TrainingClient, types
 from training_core.checkpoint import is_committed
 from training_core.renderers import (
     TrainOnWhat,
@@ -117,7 +117,21 @@ def train_sft(cfg: PipelineConfig, train_path: str, eval_path: str, run_dir: str
     """
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
-    service = ServiceClient(checkpoint_root=ckpt_root, compute_dtype=cfg.model.compute_dtype)
+    from training_core.distributed import make_service_client
+
+    service = make_service_client(cfg.model.backend, checkpoint_root=ckpt_root, compute_dtype=cfg.model.compute_dtype,
+                                  world_size=cfg.model.world_size, zero_stage=cfg.model.zero_stage,
+                                  timeout_s=cfg.model.ds_timeout_s)
+    try:
+        return _train(cfg, service, train_path, eval_path, ckpt_root, run_dir, on_step, stop_after, periodic)
+    finally:
+        if hasattr(service, "close"):
+            service.close()  # stops DeepSpeed ranks; the local backend has nothing to close
+
+
+def _train(cfg: PipelineConfig, service: Any, train_path: str, eval_path: str, ckpt_root: Path, run_dir: Path,
+           on_step: Callable[[int, dict[str, float]], None] | None, stop_after: int | None,
+           periodic: Callable[[int, TrainingClient], None] | None) -> TrainResult:
     latest = latest_checkpoint(ckpt_root)
     m = cfg.model
     if latest is None and cfg.init_from:

@@ -152,11 +152,11 @@ class SamplingParams:
 @dataclass
 class LoraConfig:
     rank: int = 32
-    alpha: float | None = None  # default: 2 * rank... see training client
+    alpha: float | None = None  # None: alpha = rank (scaling 1)
     seed: int | None = None
     train_attn: bool = True
     train_mlp: bool = True
-    train_unembed: bool = False
+    train_unembed: bool = True  # Tinker's default
 
 
 @dataclass

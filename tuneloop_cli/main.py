@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tuneloop: config error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"tuneloop: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
