@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 class ModelConfig:
     base_model: str = "tiny"  # preset name, local HF dir or hub id
     rank: int = 32
-    lora_alpha: float | None = None  # None: alpha = rank
+    lora_alpha: float | None = 64.0  # None: alpha = rank
     train_attn: bool = True
     train_mlp: bool = True
-    train_unembed: bool = True
+    train_unembed: bool = False
     compute_dtype: str = "float32"  # or bfloat16 (autocast)
     seed: int = 0
     backend: str = "local"  # "local" (in-process engine) | "deepspeed" (ZeRO ranks owned by the engine)
@@ -23,9 +23,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "addition"  # a built-in generator (data.generators.TASKS), used when train_file is empty
-    task_kwargs: dict = field(default_factory=lambda: {"digits": 2})
-    n_train: int = 2000
+    task: str = "reverse"  # a built-in generator (data.generators.TASKS), used when train_file is empty
+    task_kwargs: dict = field(default_factory=lambda: {"length": 4})
+    n_train: int = 4000
     n_eval: int = 200
     seed: int = 0
     train_file: str = ""  # your own chat JSONL ({"messages": [...], "answer": ...} per line)
@@ -37,17 +37,17 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
-    batch_size: int = 16
+    steps: int = 150
+    batch_size: int = 32
     learning_rate: float = 2e-3
-    warmup_steps: int = 10
+    warmup_steps: int = 15
     min_lr_ratio: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip_norm: float = 1.0
-    save_every: int = 100
+    save_every: int = 50
     eval_loss_examples: int = 64
     subprocess: bool = False  # train in a child process (crash isolation; retries resume from a checkpoint)
     timeout_s: int = 0  # kill a subprocess run that exceeds this (0 = no limit)
@@ -57,7 +57,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    max_tokens: int = 16
+    max_tokens: int = 10
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
@@ -67,9 +67,10 @@ class EvalConfig:
     confidence: float = 0.95
     min_effect: float = 0.05
     guard_margin: float = 0.05
-    guards: list[str] = field(default_factory=list)  # built-in guard benchmarks, e.g. ["heldout_text"]
+    guards: list[str] = field(default_factory=lambda: ["heldout_text"])  # built-in guard benchmarks
     guard_examples: int = 100
-    guard_margins: dict = field(default_factory=dict)  # per-guard non-inferiority margins (nats/token for text)
+    # per-guard non-inferiority margins; held-out text is scored in log-likelihood per token (nats)
+    guard_margins: dict = field(default_factory=lambda: {"heldout_text": 0.5})
 
 
 @dataclass

@@ -14,7 +14,8 @@ class SamplingClient:
     def __init__(self, engine: Engine, adapter: str | None, model_path: str | None = None, *, owned: bool = False):
         self._engine, self._adapter, self.model_path = engine, adapter, model_path
         if owned and adapter is not None:  # snapshot adapters die with their client
-            weakref.finalize(self, lambda: engine.submit(lambda: engine.remove_adapter(adapter)))
+            fin = weakref.finalize(self, lambda: engine.submit(lambda: engine.remove_adapter(adapter)))
+            fin.atexit = False  # at interpreter exit the worker thread may already be gone
 
     # ---- internals ---------------------------------------------------------------------------------
     def _eos_ids(self) -> list[int]:
