@@ -57,6 +57,9 @@ class _EngineView:
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         return Engine._autocast(self)  # type: ignore[arg-type]
 
+    def _use_fast_path(self) -> bool:
+        return False  # the fused bf16 path assumes an in-process peft model, not a DeepSpeed-wrapped one
+
 
 def canonical_key(param_name: str) -> str:
     return param_name.replace(f".{ADAPTER}.", ".")
