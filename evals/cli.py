@@ -49,8 +49,44 @@ def _suite(args: argparse.Namespace) -> Suite:
     return default_suite(names, n=args.n, seed=args.seed)
 
 
+def _from_mlflow_run(ref: str) -> EvalResult:
+    """`runs:/<run_id>[/<checkpoint>]`: the per-example results a pipeline run logged (artifact `eval/`);
+    the checkpoint defaults to that run's trained model ("trained")."""
+    import tempfile
+
+    import mlflow
+
+    from infra.tracking import default_tracking_uri
+
+    run_id, _, name = ref.removeprefix("runs:/").partition("/")
+    name = name or "trained"
+    uri = default_tracking_uri()  # MLFLOW_TRACKING_URI if set, else the embedded store
+    dest = Path(tempfile.mkdtemp(prefix=f"tuneloop-run-{run_id[:8]}-"))
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    try:
+        run = client.get_run(run_id)
+        # the pipeline logs results in its nested "evaluate" run; accept that run's id or its parent's
+        candidates = [run_id] + [r.info.run_id for r in client.search_runs(
+            [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")]
+        holder = next((c for c in candidates if any(a.path == "eval" for a in client.list_artifacts(c))), None)
+        if holder is None:
+            raise CliError(f"{ref!r}: MLflow run {run_id} (and its nested runs) logged no 'eval' results")
+        local = client.download_artifacts(holder, "eval", str(dest))
+    except CliError:
+        raise
+    except Exception as e:  # MlflowException and friends: report as bad input
+        raise CliError(f"{ref!r}: cannot fetch the eval results of MLflow run {run_id} from {uri}: {e}") from e
+    folder = ResultStore(local).checkpoint_dir(name)
+    if not (folder / "checkpoint.json").exists():
+        raise CliError(f"{ref!r}: run {run_id} has no results for checkpoint {name!r}")
+    return load_eval_result(folder)
+
+
 def _resolve(ref: str, suite: Suite, args: argparse.Namespace) -> EvalResult:
-    """A result folder (has checkpoint.json) is loaded; a checkpoint is evaluated (resuming) or looked up."""
+    """A result folder (has checkpoint.json) is loaded; `runs:/ID[/CKPT]` is an MLflow pipeline run's results;
+    a checkpoint is evaluated (resuming) or looked up."""
+    if ref.startswith("runs:/"):
+        return _from_mlflow_run(ref)
     p = Path(ref)
     if (p / "checkpoint.json").exists():
         return load_eval_result(p)
@@ -153,8 +189,8 @@ def add_eval_commands(subparsers: Any) -> None:
     _common(pe)
     pe.set_defaults(func=_cmd_eval)
     pc = subparsers.add_parser("compare", help="paired comparison of two checkpoints / result folders + gate")
-    pc.add_argument("a", help="baseline: result folder or checkpoint")
-    pc.add_argument("b", help="candidate: result folder or checkpoint")
+    pc.add_argument("a", help="baseline: result folder, checkpoint, or MLflow run `runs:/ID[/CKPT]` (CKPT: trained)")
+    pc.add_argument("b", help="candidate: same forms as A")
     _common(pc)
     pc.add_argument("--gate", help="gate policy YAML (targets, guards, margins); default: the suite's gate")
     pc.add_argument("--allow-protocol-mismatch", action="store_true", help="compare despite differing protocols")

@@ -28,6 +28,10 @@ def setup(tracking_uri: str = "", experiment: str = "tuneloop") -> str:
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment) is None:
+        # keep artifacts next to the embedded store, not in ./mlruns of whatever the working directory is
+        art = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+        mlflow.create_experiment(experiment, artifact_location=art.resolve().as_uri())
     mlflow.set_experiment(experiment)
     return uri
 

@@ -37,7 +37,13 @@ def _cfg(tmp_path: Path, *extra: str) -> PipelineConfig:
                                               f"tracking_uri=sqlite:///{tmp_path}/mlflow.db", *extra])
 
 
-def test_pipeline_end_to_end_is_tracked_in_mlflow(tmp_path):
+def _gate_yaml(tmp_path: Path) -> Path:
+    p = tmp_path / "gate.yaml"
+    p.write_text("targets: [target]\nguards: [heldout_text]\nguard_margins: {heldout_text: 0.5}\n")
+    return p
+
+
+def test_pipeline_end_to_end_is_tracked_in_mlflow(tmp_path, monkeypatch, capsys):
     steps = 80
     cfg = _cfg(tmp_path, f"train.steps={steps}", "train.batch_size=16", "train.save_every=40",
                "train.eval_every=40", "train.eval_every_examples=8", "eval.guard_examples=20")
@@ -80,6 +86,16 @@ def test_pipeline_end_to_end_is_tracked_in_mlflow(tmp_path):
     comp = json.loads((Path(res.run_dir) / "summary.json").read_text())
     assert comp["verdict"] == res.verdict
     assert Path(res.report_path).is_file()
+    # `tuneloop compare` takes MLflow runs: base vs trained of this run, same verdict as the pipeline's
+    from tuneloop_cli.main import main as cli
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    rc = cli(["compare", f"runs:/{res.mlflow_run_id}/base", f"runs:/{res.mlflow_run_id}", "--json",
+              "--gate", str(_gate_yaml(tmp_path))])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["gate"]["passed"]
+    tgt = next(c for c in out["comparisons"] if c["benchmark"] == "target")
+    assert tgt["diff"] == pytest.approx(res.diff) and tgt["verdict"] == "improved"
     # a finished run is never overwritten
     with pytest.raises(RunExistsError):
         sft_pipeline(to_dict(cfg), run_name="e2e")
