@@ -97,7 +97,8 @@ def _local_checkpoint(uri: str, dest: Path) -> str:
         return str(dest)
     from infra.storage import open_storage
 
-    open_storage(uri).download_dir("", dest)
+    man = open_storage(uri).download_dir("", dest)
+    (dest / "manifest.json").write_bytes(man.to_json())  # training_core verifies against it on load
     return str(dest)
 
 

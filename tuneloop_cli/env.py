@@ -27,3 +27,4 @@ def apply_env_defaults() -> None:
     for k, v in DEFAULTS.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("PREFECT_HOME", str(Path(".tuneloop/prefect").resolve()))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # prefect will not create parents

@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("file")
     val.add_argument("--eval", action="store_true", help="rows must carry an 'answer' to grade against")
     val.set_defaults(func=cmd_data_validate)
+    with contextlib.suppress(ImportError):
+        from flows.cli import add_push_command
+
+        add_push_command(dsub)
 
     pre = sub.add_parser("presets", help="build local model presets")
     psub = pre.add_subparsers(dest="presets_command", required=True)
