@@ -1,0 +1,341 @@
+"""KV-cache decoders behind the sampler: a lean fused path for Llama-family models and an HF fallback.
+
+Both expose the same four calls over a left-padded batch whose prompts fill cache slots ``[0, P)``:
+``prefill(ids_BP, valid_BP)`` and ``step(tok_B, pos_B)`` return the next-token logits of each row, and
+``select_rows`` / ``repeat_rows`` reorder the batch (dropping finished rows, fanning prompts out to samples).
+
+Why a fused path: on CPU with small models, HF's per-step cost is mostly Python and dispatch overhead (mask
+construction, cache concatenation, one module call per projection, LoRA wrappers). The fused path reads each
+layer's effective weights once per call (``sampling_weights``: q/k/v and gate/up concatenated into one matmul
+each, peft-wrapped linears folded by probing, weights prepacked for oneDNN), keeps a preallocated KV cache and
+a precomputed RoPE table, and issues about a tenth of the ops per step. It computes the same function as the
+HF model in fp32 (tests compare its logits with ``model(...)`` for Llama, Mistral, Qwen2 and Qwen3); any model
+it does not recognise goes through ``HFDecoder``, which drives the HF model itself with a ``DynamicCache``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training_core.sampling_weights import (
+    Linear,
+    Unsupported,
+    cat_bias,
+    linear_params,
+    norm_params,
+    rms_norm_hf,
+)
+
+_FUSED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+_STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}  # tables that do not depend on sequence length
+_FIRST_ALLOC_NEW_TOKENS = 512  # cache slots for new tokens allocated up front; more are added by doubling
+
+
+class Decoder(Protocol):
+    def prefill(self, ids_BP: torch.Tensor, valid_BP: torch.Tensor) -> torch.Tensor: ...
+    def step(self, tok_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor: ...
+    def select_rows(self, keep_R: torch.Tensor) -> None: ...
+    def repeat_rows(self, n: int) -> None: ...
+
+
+def make_decoder(base: nn.Module, max_positions: int, capacity: int, rows_hint: int = 16) -> Decoder:
+    """The fused decoder when it supports ``base`` exactly, else the HF fallback.
+
+    ``max_positions``: positions the batch can reach (RoPE table size); ``capacity``: cache slots needed
+    (padded prompt length + new tokens); ``rows_hint``: rows per decode step, to pick the weight packing.
+    """
+    try:
+        return FusedDecoder(base, max_positions, capacity, rows_hint)
+    except Unsupported:
+        return HFDecoder(base)
+
+
+class HFDecoder:
+    """Drives the HF model step by step with a DynamicCache (any causal LM, including sliding windows)."""
+
+    def __init__(self, base: nn.Module) -> None:
+        from transformers import DynamicCache
+
+        self.model = base
+        self.cache = DynamicCache(config=base.config)
+        self.mask_BL = torch.empty(0, 0, dtype=torch.long)
+
+    def prefill(self, ids_BP: torch.Tensor, valid_BP: torch.Tensor) -> torch.Tensor:
+        self.mask_BL = valid_BP.long()
+        pos_BP = (self.mask_BL.cumsum(1) - 1).clamp_min(0)
+        out = self.model(
+            input_ids=ids_BP,
+            attention_mask=self.mask_BL,
+            position_ids=pos_BP,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1]
+
+    def step(self, tok_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
+        self.mask_BL = torch.cat([self.mask_BL, self.mask_BL.new_ones(self.mask_BL.shape[0], 1)], dim=1)
+        out = self.model(
+            input_ids=tok_B[:, None],
+            attention_mask=self.mask_BL,
+            position_ids=pos_B[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1]
+
+    def select_rows(self, keep_R: torch.Tensor) -> None:
+        self.cache.batch_select_indices(keep_R)
+        self.mask_BL = self.mask_BL[keep_R]
+
+    def repeat_rows(self, n: int) -> None:
+        self.cache.batch_repeat_interleave(n)
+        self.mask_BL = self.mask_BL.repeat_interleave(n, dim=0)
+
+
+@dataclass
+class _Layer:
+    ln1_w: torch.Tensor
+    ln1_eps: float
+    qkv: Linear  # (H*D + 2*KV*D, d): q, k, v stacked
+    qk_norm_w: torch.Tensor | None  # (H + KV, D): Qwen3's per-head q/k norms, stacked per head
+    qk_norm_eps: float
+    o: Linear
+    ln2_w: torch.Tensor
+    ln2_eps: float
+    gate_up: Linear  # (2*I, d): gate, up stacked
+    act: nn.Module
+    down: Linear
+
+
+def _check_supported(base: nn.Module, capacity: int) -> None:
+    cfg = base.config
+    if cfg.model_type not in _FUSED_MODEL_TYPES:
+        raise Unsupported(f"model_type {cfg.model_type}")
+    inner = getattr(base, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(base, "lm_head"):
+        raise Unsupported("unexpected module layout")
+    window = getattr(cfg, "sliding_window", None)
+    uses_window = cfg.model_type == "mistral" or any(
+        "sliding" in str(t) for t in getattr(cfg, "layer_types", None) or []
+    )
+    if window is not None and uses_window and capacity > window:
+        raise Unsupported("sliding-window attention beyond the window")
+    rope_type = getattr(getattr(inner, "rotary_emb", None), "rope_type", None)
+    if rope_type not in _STATIC_ROPE_TYPES:
+        raise Unsupported(f"rope type {rope_type}")
+
+
+class FusedDecoder:
+    """Lean decoder for Llama / Mistral / Qwen2 / Qwen3 (RMSNorm, RoPE, GQA, SwiGLU-style MLP)."""
+
+    def __init__(self, base: nn.Module, max_positions: int, capacity: int, rows_hint: int = 16) -> None:
+        _check_supported(base, capacity)
+        self.capacity = capacity  # slots the batch may need; the cache grows towards it on demand
+        inner = base.model
+        cfg = base.config
+        attn0 = inner.layers[0].self_attn
+        self.H = int(cfg.num_attention_heads)
+        self.KV = int(cfg.num_key_value_heads)
+        self.D = int(attn0.head_dim)
+        self.scale = float(attn0.scaling)
+        d = int(cfg.hidden_size)
+        emb = base.get_input_embeddings()
+        if type(emb) is nn.Embedding:
+            self.embed_VD = emb.weight.detach()
+        else:  # wrapped embedding (peft): materialise its effective table once
+            self.embed_VD = emb(
+                torch.arange(emb.num_embeddings if hasattr(emb, "num_embeddings") else cfg.vocab_size)
+            )
+        self.dtype = self.embed_VD.dtype
+        self.layers = [
+            self._read_layer(layer, d, rows_hint) for layer in inner.layers[: cfg.num_hidden_layers]
+        ]
+        self.norm_w, self.norm_eps = norm_params(inner.norm)
+        self.head = Linear(*linear_params(base.lm_head, d), rows_hint)
+        cos_1PD, sin_1PD = inner.rotary_emb(self.embed_VD[:1][None], torch.arange(max_positions)[None])
+        if cos_1PD.shape[-1] != self.D:
+            raise Unsupported("partial rotary embedding")
+        half = self.D // 2
+        self.cos_PD = cos_1PD[0]
+        self.sin_rot_PD = torch.cat([-sin_1PD[0, :, :half], sin_1PD[0, :, half:]], dim=-1)
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        self.bias_BL: torch.Tensor | None = None  # additive key mask (0 / -inf); None without padding
+        self.length = 0
+
+    def _read_layer(self, layer: nn.Module, d: int, rows_hint: int) -> _Layer:
+        at, mlp = layer.self_attn, layer.mlp
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if not hasattr(at, name):
+                raise Unsupported(f"attention without {name}")
+        for name in ("gate_proj", "up_proj", "down_proj", "act_fn"):
+            if not hasattr(mlp, name):
+                raise Unsupported(f"mlp without {name}")
+        window = getattr(at, "sliding_window", None)
+        if window is not None and self.capacity > window:
+            raise Unsupported("sliding window")
+        (qw, qb), (kw, kb), (vw, vb) = (
+            linear_params(getattr(at, n), d) for n in ("q_proj", "k_proj", "v_proj")
+        )
+        ow, ob = linear_params(at.o_proj, self.H * self.D)
+        gw, gb = linear_params(mlp.gate_proj, d)
+        uw, ub = linear_params(mlp.up_proj, d)
+        dw, db = linear_params(mlp.down_proj, gw.shape[0])
+        # The attention scale is folded into q (exact for power-of-two scales such as 1/8 at head_dim 64):
+        # into Qwen3's q-norm weight when there is one (the norm would undo it otherwise), else into W_q, b_q.
+        qk_norm_w, qk_eps = None, 0.0
+        if hasattr(at, "q_norm"):
+            (qnw, qk_eps), (knw, _) = norm_params(at.q_norm), norm_params(at.k_norm)
+            qk_norm_w = torch.cat([(qnw * self.scale).expand(self.H, -1), knw.expand(self.KV, -1)])
+        else:
+            qw = qw * self.scale
+            qb = None if qb is None else qb * self.scale
+        ln1_w, ln1_eps = norm_params(layer.input_layernorm)
+        ln2_w, ln2_eps = norm_params(layer.post_attention_layernorm)
+        qkv_b = cat_bias([qb, kb, vb], [qw.shape[0], kw.shape[0], vw.shape[0]], qw)
+        gu_b = cat_bias([gb, ub], [gw.shape[0], uw.shape[0]], gw)
+        return _Layer(
+            ln1_w=ln1_w,
+            ln1_eps=ln1_eps,
+            qkv=Linear(torch.cat([qw, kw, vw]), qkv_b, rows_hint),
+            qk_norm_w=qk_norm_w,
+            qk_norm_eps=qk_eps,
+            o=Linear(ow, ob, rows_hint),
+            ln2_w=ln2_w,
+            ln2_eps=ln2_eps,
+            gate_up=Linear(torch.cat([gw, uw]), gu_b, rows_hint),
+            act=mlp.act_fn,
+            down=Linear(dw, db, rows_hint),
+        )
+
+    # -- cache management -------------------------------------------------------------------------------------
+    def select_rows(self, keep_R: torch.Tensor) -> None:
+        self.k_cache = [k[keep_R] for k in self.k_cache]
+        self.v_cache = [v[keep_R] for v in self.v_cache]
+        if self.bias_BL is not None:
+            self.bias_BL = self.bias_BL[keep_R]
+
+    def repeat_rows(self, n: int) -> None:
+        self.k_cache = [k.repeat_interleave(n, dim=0) for k in self.k_cache]
+        self.v_cache = [v.repeat_interleave(n, dim=0) for v in self.v_cache]
+        if self.bias_BL is not None:
+            self.bias_BL = self.bias_BL.repeat_interleave(n, dim=0)
+
+    def _grow(self, needed: int) -> None:
+        """Double the cache (up to ``capacity``) so a large default max_tokens does not preallocate it all."""
+        old = self.k_cache[0].shape[2]
+        new = min(self.capacity, max(needed, 2 * old))
+        if needed > new:
+            raise RuntimeError(f"KV cache overflow: {needed} slots > capacity {self.capacity}")
+
+        def grown(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros(*t.shape[:2], new, *t.shape[3:])
+            out[:, :, :old] = t
+            return out
+
+        self.k_cache = [grown(k) for k in self.k_cache]
+        self.v_cache = [grown(v) for v in self.v_cache]
+        if self.bias_BL is not None:
+            self.bias_BL = torch.cat(
+                [self.bias_BL, self.bias_BL.new_zeros(self.bias_BL.shape[0], new - old)], 1
+            )
+
+    # -- forward ----------------------------------------------------------------------------------------------
+    def prefill(self, ids_BP: torch.Tensor, valid_BP: torch.Tensor) -> torch.Tensor:
+        B, P = ids_BP.shape
+        shape = (B, self.KV, min(self.capacity, P + _FIRST_ALLOC_NEW_TOKENS), self.D)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
+        has_pad = not bool(valid_BP.all())
+        mask_B1PP = None
+        if has_pad:
+            self.bias_BL = torch.zeros(B, shape[2], dtype=self.dtype)
+            self.bias_BL[:, :P].masked_fill_(~valid_BP, float("-inf"))
+            causal_PP = torch.ones(P, P, dtype=torch.bool).tril()
+            # A pad query attends to itself only, so its (unused) row stays finite.
+            mask_B1PP = (causal_PP & valid_BP[:, None, :]) | torch.eye(P, dtype=torch.bool)
+            mask_B1PP = mask_B1PP[:, None]
+        pos_BP = (valid_BP.long().cumsum(1) - 1).clamp_min(0)
+        x_BPd = self.embed_VD[ids_BP]
+        x_BPd = self._layers(x_BPd, pos_BP, 0, mask_B1PP)
+        self.length = P
+        return self._head(x_BPd[:, -1])
+
+    def step(self, tok_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
+        x_B1d = self.embed_VD[tok_B][:, None]
+        x_B1d = self._layers(x_B1d, pos_B[:, None], self.length, None)
+        self.length += 1
+        return self._head(x_B1d[:, 0])
+
+    def _head(self, x_Bd: torch.Tensor) -> torch.Tensor:
+        return self.head(self._rms(x_Bd, self.norm_w, self.norm_eps))
+
+    def _layers(
+        self, x_BTd: torch.Tensor, pos_BT: torch.Tensor, start: int, mask_B1TT: torch.Tensor | None
+    ) -> torch.Tensor:
+        B, T, d = x_BTd.shape
+        H, KV, D = self.H, self.KV, self.D
+        end = start + T
+        if end > self.k_cache[0].shape[2]:
+            self._grow(end)
+        cos_BT1D = self.cos_PD[pos_BT][:, :, None]
+        sin_BT1D = self.sin_rot_PD[pos_BT][:, :, None]
+        x = x_BTd.reshape(B * T, d)
+        for li, ly in enumerate(self.layers):
+            h = self._rms(x, ly.ln1_w, ly.ln1_eps)
+            qkv_BTHD = ly.qkv(h).view(B, T, H + 2 * KV, D)
+            qk = qkv_BTHD[:, :, : H + KV]
+            if ly.qk_norm_w is not None:
+                qk = self._rms(qk, None, ly.qk_norm_eps) * ly.qk_norm_w
+            # RoPE, bit-identical to HF's q * cos + rotate_half(q) * sin: roll(q) * [-sin1, sin2]
+            qk = qk * cos_BT1D + qk.roll(D // 2, dims=-1) * sin_BT1D
+            k_cache, v_cache = self.k_cache[li], self.v_cache[li]
+            k_cache[:, :, start:end] = qk[:, :, H:].transpose(1, 2)
+            v_cache[:, :, start:end] = qkv_BTHD[:, :, H + KV :].transpose(1, 2)
+            if T == 1:
+                o = self._decode_attention(qk[:, 0, :H], k_cache, v_cache, end)
+            else:
+                o_BHTD = F.scaled_dot_product_attention(
+                    qk[:, :, :H].transpose(1, 2),
+                    k_cache[:, :, :end],
+                    v_cache[:, :, :end],
+                    attn_mask=mask_B1TT,
+                    is_causal=mask_B1TT is None,
+                    scale=1.0,  # folded into q
+                    enable_gqa=True,
+                )
+                o = o_BHTD.transpose(1, 2).reshape(B * T, H * D)
+            x = ly.o.add_to(x, o)
+            h = self._rms(x, ly.ln2_w, ly.ln2_eps)
+            gate, up = ly.gate_up(h).chunk(2, dim=-1)
+            x = ly.down.add_to(x, ly.act(gate) * up)
+        return x.view(B, T, d)
+
+    def _decode_attention(
+        self, q_BHD: torch.Tensor, k_BKCD: torch.Tensor, v_BKCD: torch.Tensor, end: int
+    ) -> torch.Tensor:
+        # One query per row: two bmm over (batch x kv-head) beat SDPA's dispatch here; GQA by grouping heads.
+        B, H, D = q_BHD.shape
+        KV, C = k_BKCD.shape[1], k_BKCD.shape[2]
+        k_NLD = k_BKCD.view(B * KV, C, D)[:, :end]
+        v_NLD = v_BKCD.view(B * KV, C, D)[:, :end]
+        q_NGD = q_BHD.reshape(B * KV, H // KV, D)
+        if self.bias_BL is None:
+            scores_NGL = torch.bmm(q_NGD, k_NLD.transpose(1, 2))
+        else:  # padded batch: add the key mask of each row inside the bmm
+            bias_NGL = (
+                self.bias_BL[:, None, None, :end].expand(B, KV, H // KV, end).reshape(B * KV, H // KV, end)
+            )
+            scores_NGL = torch.baddbmm(bias_NGL, q_NGD, k_NLD.transpose(1, 2))
+        return torch.bmm(scores_NGL.softmax(dim=-1), v_NLD).view(B, H * D)
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op, bit-identical to the HF formula in fp32
+            return torch.rms_norm(x, (x.shape[-1],), w, eps)
+        return rms_norm_hf(x, w, eps)
