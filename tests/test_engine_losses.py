@@ -76,6 +76,11 @@ def zero_grads(tc) -> None:
 
 
 def reference_grads(tc, data, name, cfg) -> tuple[float, list[torch.Tensor], dict[str, torch.Tensor]]:
+    # on the engine's worker: all model access is serialized there (other clients' clean-up runs there too)
+    return tc._engine.submit(lambda: _reference_grads(tc, data, name, cfg)).result()
+
+
+def _reference_grads(tc, data, name, cfg) -> tuple[float, list[torch.Tensor], dict[str, torch.Tensor]]:
     eng = tc._engine
     zero_grads(tc)
     total = torch.zeros(())

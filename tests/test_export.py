@@ -22,10 +22,13 @@ def test_merged_and_peft_exports_match_adapter_logits(tmp_path):
     ck = tc.save_state("final").result().path
     ids = toks[:, :-1]
     eng = tc._engine
-    with torch.no_grad(), eng.activate(tc._adapter):
-        want = eng.model(input_ids=ids).logits
-    with torch.no_grad(), eng.activate(None):
-        base_logits = eng.model(input_ids=ids).logits
+
+    def logits(adapter):  # runs on the engine's worker, where all model access is serialized
+        with torch.no_grad(), eng.activate(adapter):
+            return eng.model(input_ids=ids).logits
+
+    want = eng.submit(lambda: logits(tc._adapter)).result()
+    base_logits = eng.submit(lambda: logits(None)).result()
     assert (want - base_logits).abs().max() > 1e-3, "training must have changed the logits"
 
     merged_dir = export_merged(ck, tmp_path / "merged")

@@ -51,7 +51,8 @@ def load_base(name_or_path: str, dtype: str = "float32") -> LoadedBase:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve(name_or_path)
-    if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in path:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if not os.path.isdir(path) and offline and "/" not in path:
         raise ModelLoadError(
             f"unknown model {name_or_path!r}: not a preset, not a local directory, and the hub is offline"
         )
