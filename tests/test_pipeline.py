@@ -67,12 +67,18 @@ def test_pipeline_end_to_end_is_tracked_in_mlflow(tmp_path, monkeypatch, capsys)
     assert run.data.params["train.steps"] == str(steps) and run.data.params["model.base_model"] == "tiny"
     assert run.data.tags["verdict"] == res.verdict
     assert "diff" in run.data.metrics
-    # the checkpoint is a registered model version carrying its verdict; the gate passed, so it is champion
+    # the checkpoint is a registered model version carrying its verdict; it is champion iff the gate passed
     from infra import registry
 
     assert res.model_version and res.promoted == res.gate_passed
     champ = registry.get_champion("tuneloop-sft", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    assert champ is not None and champ[0] == res.model_version and champ[1] == res.checkpoint_uri
+    if res.gate_passed:
+        assert champ is not None and champ[0] == res.model_version and champ[1] == res.checkpoint_uri
+    else:
+        assert champ is None
+    mv = MlflowClient().get_model_version("tuneloop-sft", res.model_version)
+    assert mv.tags["verdict.verdict"] == res.verdict and mv.tags["verdict.gate_passed"] == str(res.gate_passed)
+    print(res.verdict_table)
     exp = run.info.experiment_id
     children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{res.mlflow_run_id}'")
     names = {c.info.run_name for c in children}
@@ -90,10 +96,11 @@ def test_pipeline_end_to_end_is_tracked_in_mlflow(tmp_path, monkeypatch, capsys)
     from tuneloop_cli.main import main as cli
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    capsys.readouterr()
     rc = cli(["compare", f"runs:/{res.mlflow_run_id}/base", f"runs:/{res.mlflow_run_id}", "--json",
               "--gate", str(_gate_yaml(tmp_path))])
     out = json.loads(capsys.readouterr().out)
-    assert rc == 0 and out["gate"]["passed"]
+    assert rc == (0 if res.gate_passed else 1) and out["gate"]["passed"] == res.gate_passed
     tgt = next(c for c in out["comparisons"] if c["benchmark"] == "target")
     assert tgt["diff"] == pytest.approx(res.diff) and tgt["verdict"] == "improved"
     # a finished run is never overwritten
