@@ -95,6 +95,9 @@ def merge_results(
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=2, sort_keys=True)
             fh.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; keep the usual permissions
         os.replace(tmp, out)  # atomic: a reader never sees a half-written file
     return out
 

@@ -32,7 +32,10 @@ def main(argv: list[str]) -> int:
     from trl import SFTConfig, SFTTrainer
 
     from bench.train_sides import ALPHA, LR, MODEL, RANK, TARGETS, B, T
+    from training_core.model_loading import tune_malloc
     from training_core.presets import resolve_model_path
+
+    tune_malloc()  # the allocator settings our engine applies to its process (and so to the plain loop's)
 
     precision, grad_ckpt, max_steps, rows_path = argv[0], argv[1] == "1", int(argv[2]), argv[3]
     rows_BT1 = torch.load(rows_path)

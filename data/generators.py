@@ -6,6 +6,11 @@ always `"Answer: <answer>"` so a grader only has to parse one format (`extract_a
 Train and eval are disjoint by content: whether a problem belongs to eval is a pure function of its
 prompt text (`split_of`, a salted hash), independent of seeds and sizes, so no seed or size choice can
 leak an eval problem into a training set.
+
+Learnability, measured with LoRA SFT on the random-init `tiny` preset (r=16, alpha=32, lr 2e-3, batch 32,
+train_unembed, ~3 CPU-minutes): `reverse` (4 digits) and `sort_letters` (6 letters) reach 95-100 %
+held-out exact match from 0 %; `addition` (2 digits) only ~10 % (it needs a pretrained model such as
+the `smollm2-135m` preset, which goes from 0 % to ~65 % in ~50 LoRA steps).
 """
 
 from __future__ import annotations

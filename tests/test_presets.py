@@ -56,7 +56,11 @@ def test_tiny_reloads_as_llama(tiny_dir: Path, cache_root: Path) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     assert 3_000_000 <= n_params <= 6_000_000
     assert cfg.max_position_embeddings >= 512
-    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    emb = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight.data_ptr() == emb.data_ptr()
+    # Unit-norm embedding rows (std hidden**-0.5), not HF's 0.02: logits must be able to pass ~5.
+    assert abs(emb.std().item() - cfg.hidden_size**-0.5) < 0.02 * cfg.hidden_size**-0.5
+    assert abs(emb.norm(dim=1).mean().item() - 1.0) < 0.05
     assert len(tok) == cfg.vocab_size
     ids = torch.tensor([tok("Hello world 123")["input_ids"]])
     logits = model(input_ids=ids).logits

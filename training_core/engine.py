@@ -51,6 +51,7 @@ class Engine:
         self.adapters: dict[str, AdapterState] = {}
         self.worker = OrderedWorker(f"tuneloop-engine:{base.name}")
         self._ids = itertools.count()
+        self._fast_ok: bool | None = None  # decided on first use (see `_use_fast_path`)
         self._linear_leaves = {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -144,7 +145,23 @@ class Engine:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def target_logprobs(self, data: list[Datum]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _use_fast_path(self) -> bool:
+        """bf16 compute over bf16 base weights on a supported architecture: the fused path of `fast_train`."""
+        if self._fast_ok is None:
+            from training_core import fast_train
+
+            try:
+                fast_train.check_supported(self.model)
+                emb = self.model.get_input_embeddings().weight
+                self._fast_ok = self.compute_dtype == "bfloat16" and emb.dtype == torch.bfloat16
+            except fast_train.Unsupported as e:
+                log.info("engine %s: generic compute path (%s)", self.base.name, e)
+                self._fast_ok = False
+        return self._fast_ok
+
+    def target_logprobs(
+        self, data: list[Datum], adapter: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token logprobs of targets, `lp_B_T` (right-padded) and the validity mask `mask_B_T`."""
         B = len(data)
         lens = [d.model_input.length for d in data]
@@ -152,12 +169,20 @@ class Engine:
         pad = int(self.base.tokenizer.pad_token_id or 0)
         tokens_B_T = torch.full((B, T), pad, dtype=torch.long)
         targets_B_T = torch.zeros((B, T), dtype=torch.long)
-        mask_B_T = torch.zeros((B, T), dtype=torch.bool)
         for i, d in enumerate(data):
             n = lens[i]
-            tokens_B_T[i, :n] = torch.tensor(d.model_input.to_ints())
-            targets_B_T[i, :n] = d.loss_fn_inputs["target_tokens"].to_torch().reshape(-1)
-            mask_B_T[i, :n] = True
+            tokens_B_T[i, :n] = torch.as_tensor(d.model_input.to_ints(), dtype=torch.long)
+            targets_B_T[i, :n] = torch.as_tensor(d.loss_fn_inputs["target_tokens"].data, dtype=torch.long)
+        mask_B_T = torch.arange(T)[None, :] < torch.tensor(lens)[:, None]
+        if self._use_fast_path():
+            from training_core import fast_train
+
+            try:
+                lp_B_T = fast_train.target_logprobs(self.model, adapter, tokens_B_T, targets_B_T)
+                return lp_B_T * mask_B_T, mask_B_T
+            except fast_train.Unsupported as e:  # e.g. an adapter on the embedding: generic path from now on
+                log.info("engine %s: generic compute path (%s)", self.base.name, e)
+                self._fast_ok = False
         with self._autocast():
             logits_B_T_V = self.model(input_ids=tokens_B_T, attention_mask=mask_B_T.long()).logits
         V = logits_B_T_V.shape[-1]
@@ -187,7 +212,7 @@ class Engine:
         with self.activate(adapter):
             grad_ctx = contextlib.nullcontext() if backward else torch.no_grad()
             with grad_ctx:
-                lp_B_T, _ = self.target_logprobs(data)
+                lp_B_T, _ = self.target_logprobs(data, adapter)
                 lp_list = self.split(lp_B_T, data)
                 loss = losses.compute_loss(loss_fn, torch.cat(lp_list), self.flat_inputs(data), cfg)
                 if backward:
@@ -201,7 +226,7 @@ class Engine:
         """User loss on logprobs with autograd, in one forward pass (Tinker needs two)."""
         self.validate(data, None)
         with self.activate(adapter):
-            lp_B_T, _ = self.target_logprobs(data)
+            lp_B_T, _ = self.target_logprobs(data, adapter)
             lp_list = self.split(lp_B_T, data)
             loss, metrics = fn(data, lp_list)
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
@@ -221,10 +246,12 @@ class Engine:
         st = self.adapters[adapter]
         params = list(st.params.values())
         if st.optimizer is None:
-            st.optimizer = torch.optim.AdamW(params, lr=adam.learning_rate)
+            st.optimizer = torch.optim.AdamW(params, lr=adam.learning_rate, fused=True)
         for g in st.optimizer.param_groups:
+            # fused: one kernel for all adapter tensors (CPU AdamW otherwise loops over them op by op);
+            # also set on optimizers rebuilt by a checkpoint load, so a resumed run does the same math
             g.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
-                     weight_decay=adam.weight_decay)
+                     weight_decay=adam.weight_decay, fused=True, foreach=False)
         metrics: dict[str, float] = {}
         if adam.grad_clip_norm and adam.grad_clip_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, adam.grad_clip_norm)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +49,36 @@ def resolve(name_or_path: str) -> str:
     return resolve_model_path(name_or_path)
 
 
+_MALLOC_TUNED = False
+
+
+def tune_malloc() -> bool:
+    """Keep freed tensor memory in the process (glibc): no page faults re-zeroing it on every step.
+
+    By default glibc hands every block above a dynamic threshold back to the OS on free (munmap / trim), so
+    each training step faults in and zeroes its activations again (~50k page faults and ~10% of a 30M
+    model's step here). One arena (the engine computes on one thread), a 32 MB mmap threshold (glibc's
+    maximum) and no trimming make the allocator reuse them instead. Process-wide, once; set
+    TUNELOOP_NO_MALLOPT=1 to opt out. Returns whether the settings were applied.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or os.environ.get("TUNELOOP_NO_MALLOPT") == "1" or not sys.platform.startswith("linux"):
+        return _MALLOC_TUNED
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim, m_top_pad, m_mmap, m_arena_max = -1, -2, -3, -8
+        ok = all(libc.mallopt(k, v) == 1 for k, v in
+                 ((m_arena_max, 1), (m_mmap, 32 << 20), (m_trim, 1 << 40), (m_top_pad, 64 << 20)))
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        ok = False
+    _MALLOC_TUNED = ok
+    return ok
+
+
 def load_base(name_or_path: str, dtype: str = "float32") -> LoadedBase:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tune_malloc()  # before the engine's worker thread exists, so it shares the tuned arena
 
     path = resolve(name_or_path)
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")

@@ -100,13 +100,13 @@ class HFDecoder:
 
 @dataclass
 class _Layer:
-    ln1_w: torch.Tensor
+    ln1_w: torch.Tensor | None  # None: folded into the next projection
     ln1_eps: float
     qkv: Linear  # (H*D + 2*KV*D, d): q, k, v stacked
     qk_norm_w: torch.Tensor | None  # (H + KV, D): Qwen3's per-head q/k norms, stacked per head
     qk_norm_eps: float
     o: Linear
-    ln2_w: torch.Tensor
+    ln2_w: torch.Tensor | None
     ln2_eps: float
     gate_up: Linear  # (2*I, d): gate, up stacked
     act: nn.Module
@@ -153,11 +153,21 @@ class FusedDecoder:
                 torch.arange(emb.num_embeddings if hasattr(emb, "num_embeddings") else cfg.vocab_size)
             )
         self.dtype = self.embed_VD.dtype
+        # fp32 and bf16: each RMSNorm weight is folded into the projection after it (in fp32 a ~1e-7 relative
+        # rounding change; in bf16 the weights round once more, within bf16's own noise), and attention runs
+        # in fp32 over an fp32 KV cache holding the bf16 keys/values exactly (bf16 batched matmuls over
+        # strided cache slices copy them first on CPU: slower than fp32 at decode sizes).
+        self.fold_norms = self.dtype in (torch.float32, torch.bfloat16)
+        self.attn_dtype = torch.float32 if self.fold_norms else self.dtype
         self.layers = [
             self._read_layer(layer, d, rows_hint) for layer in inner.layers[: cfg.num_hidden_layers]
         ]
-        self.norm_w, self.norm_eps = norm_params(inner.norm)
-        self.head = Linear(*linear_params(base.lm_head, d), rows_hint)
+        norm_w, self.norm_eps = norm_params(inner.norm)
+        head_w, head_b = linear_params(base.lm_head, d)
+        self.norm_w: torch.Tensor | None = norm_w
+        if self.fold_norms:
+            head_w, self.norm_w = head_w * norm_w, None
+        self.head = Linear(head_w, head_b, rows_hint)
         cos_1PD, sin_1PD = inner.rotary_emb(self.embed_VD[:1][None], torch.arange(max_positions)[None])
         if cos_1PD.shape[-1] != self.D:
             raise Unsupported("partial rotary embedding")
@@ -198,18 +208,23 @@ class FusedDecoder:
             qb = None if qb is None else qb * self.scale
         ln1_w, ln1_eps = norm_params(layer.input_layernorm)
         ln2_w, ln2_eps = norm_params(layer.post_attention_layernorm)
-        qkv_b = cat_bias([qb, kb, vb], [qw.shape[0], kw.shape[0], vw.shape[0]], qw)
-        gu_b = cat_bias([gb, ub], [gw.shape[0], uw.shape[0]], gw)
+        qkv_w, qkv_b = (
+            torch.cat([qw, kw, vw]),
+            cat_bias([qb, kb, vb], [qw.shape[0], kw.shape[0], vw.shape[0]], qw),
+        )
+        gu_w, gu_b = torch.cat([gw, uw]), cat_bias([gb, ub], [gw.shape[0], uw.shape[0]], gw)
+        if self.fold_norms:  # W @ (w * n) == (W * w) @ n: one op less per norm
+            qkv_w, gu_w, ln1_w, ln2_w = qkv_w * ln1_w, gu_w * ln2_w, None, None
         return _Layer(
             ln1_w=ln1_w,
             ln1_eps=ln1_eps,
-            qkv=Linear(torch.cat([qw, kw, vw]), qkv_b, rows_hint),
+            qkv=Linear(qkv_w, qkv_b, rows_hint),
             qk_norm_w=qk_norm_w,
             qk_norm_eps=qk_eps,
             o=Linear(ow, ob, rows_hint),
             ln2_w=ln2_w,
             ln2_eps=ln2_eps,
-            gate_up=Linear(torch.cat([gw, uw]), gu_b, rows_hint),
+            gate_up=Linear(gu_w, gu_b, rows_hint),
             act=mlp.act_fn,
             down=Linear(dw, db, rows_hint),
         )
@@ -250,12 +265,12 @@ class FusedDecoder:
     def prefill(self, ids_BP: torch.Tensor, valid_BP: torch.Tensor) -> torch.Tensor:
         B, P = ids_BP.shape
         shape = (B, self.KV, min(self.capacity, P + _FIRST_ALLOC_NEW_TOKENS), self.D)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
+        self.k_cache = [torch.zeros(shape, dtype=self.attn_dtype) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.attn_dtype) for _ in self.layers]
         has_pad = not bool(valid_BP.all())
         mask_B1PP = None
         if has_pad:
-            self.bias_BL = torch.zeros(B, shape[2], dtype=self.dtype)
+            self.bias_BL = torch.zeros(B, shape[2], dtype=self.attn_dtype)
             self.bias_BL[:, :P].masked_fill_(~valid_BP, float("-inf"))
             causal_PP = torch.ones(P, P, dtype=torch.bool).tril()
             # A pad query attends to itself only, so its (unused) row stays finite.
@@ -298,11 +313,12 @@ class FusedDecoder:
             k_cache, v_cache = self.k_cache[li], self.v_cache[li]
             k_cache[:, :, start:end] = qk[:, :, H:].transpose(1, 2)
             v_cache[:, :, start:end] = qkv_BTHD[:, :, H + KV :].transpose(1, 2)
+            q = qk[:, :, :H].to(self.attn_dtype)
             if T == 1:
-                o = self._decode_attention(qk[:, 0, :H], k_cache, v_cache, end)
+                o = self._decode_attention(q[:, 0], k_cache, v_cache, end)
             else:
                 o_BHTD = F.scaled_dot_product_attention(
-                    qk[:, :, :H].transpose(1, 2),
+                    q.transpose(1, 2),
                     k_cache[:, :, :end],
                     v_cache[:, :, :end],
                     attn_mask=mask_B1TT,
@@ -311,7 +327,7 @@ class FusedDecoder:
                     enable_gqa=True,
                 )
                 o = o_BHTD.transpose(1, 2).reshape(B * T, H * D)
-            x = ly.o.add_to(x, o)
+            x = ly.o.add_to(x, o.to(self.dtype))
             h = self._rms(x, ly.ln2_w, ly.ln2_eps)
             gate, up = ly.gate_up(h).chunk(2, dim=-1)
             x = ly.down.add_to(x, ly.act(gate) * up)
@@ -336,6 +352,7 @@ class FusedDecoder:
         return torch.bmm(scores_NGL.softmax(dim=-1), v_NLD).view(B, H * D)
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op, bit-identical to the HF formula in fp32
+        if x.dtype == torch.float32 or (w is None and x.dtype == torch.bfloat16):
+            # one op: bit-identical to the HF formula in fp32; in bf16 fp32 statistics and one rounding
             return torch.rms_norm(x, (x.shape[-1],), w, eps)
         return rms_norm_hf(x, w, eps)

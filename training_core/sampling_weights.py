@@ -7,6 +7,8 @@ folded into one weight per call and costs nothing per decoding step. Weights are
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +23,8 @@ class Linear:
 
     A decode step multiplies a few rows by every weight matrix; plain sgemm re-packs the whole weight on each
     call, which dominates at this size. Prepacking once per ``sample_batch`` call makes the projections
-    about 1.7x faster on CPU (full fp32: rounding differs from sgemm by ~1e-6 relative).
+    about 1.5x faster on CPU in fp32 (rounding differs from sgemm by ~1e-6 relative) and in bf16 (where the
+    CPU has bf16 dot products), and a bf16 projection takes ~0.6x the time of an fp32 one at 16 rows.
     """
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None, rows_hint: int) -> None:
@@ -31,40 +34,56 @@ class Linear:
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(w, rows_hint)
                 probe = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0), dtype=w.dtype)
-                got = torch.ops.mkldnn._linear_pointwise(probe, packed, b, "none", [], "")
-                if torch.allclose(got, F.linear(probe, w, b), rtol=1e-4, atol=1e-5):
+                got = _LINEAR(probe, packed, b, "none", [], "")
+                want = F.linear(probe, w, b)
+                tol = 1e-4 if w.dtype == torch.float32 else 2e-2  # bf16: accumulation order only
+                if torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max())):
                     self.packed = packed
             except (RuntimeError, AttributeError):  # no usable oneDNN kernel: plain F.linear
                 self.packed = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.b, "none", [], "")
+            return _LINEAR(x, self.packed, self.b, "none", [], "")
         return F.linear(x, self.w, self.b)
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``residual + self(x)`` in one fused op."""
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.b, "add")
+            return _LINEAR_ADD(x, residual, self.packed, self.b, "add")
         if self.b is None:
             return torch.addmm(residual, x, self.w.t())
         return residual + F.linear(x, self.w, self.b)
 
 
 def _mkldnn_ok(w: torch.Tensor) -> bool:
-    return (
-        w.dtype == torch.float32
-        and w.device.type == "cpu"
+    if not (
+        w.device.type == "cpu"
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+        and _LINEAR is not None
+    ):
+        return False
+    if w.dtype == torch.bfloat16:  # only where the CPU has bf16 dot products (else oneDNN emulates: slower)
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return w.dtype == torch.float32
+
+
+def _mkldnn_ops() -> tuple[Any, Any]:
+    # Resolved once: looking an op up through torch.ops on every call costs ~5 us, 17 times per decode step.
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default, torch.ops.mkldnn._linear_pointwise.binary
+    except (AttributeError, RuntimeError):
+        return None, None
+
+
+_LINEAR, _LINEAR_ADD = _mkldnn_ops()
 
 
 def rms_norm_hf(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
-    # Same formula and dtype handling as LlamaRMSNorm / Qwen3RMSNorm.
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    # LlamaRMSNorm / Qwen3RMSNorm's dtype handling (fp32 statistics, rounded to x's dtype, then the weight);
+    # torch's fused kernel computes their fp32 formula bit for bit.
+    x32 = torch.rms_norm(x.float(), (x.shape[-1],), None, eps)
     return x32.to(x.dtype) if w is None else w * x32.to(x.dtype)
 
 
