@@ -146,6 +146,31 @@ def train_eval(
     )
 
 
+PROSE_PROMPTS = ["Write something.", "Write a few sentences.", "Say something in a sentence or two.",
+                 "Continue with some text."]
+
+
+def prose(n: int, seed: int = 0) -> list[Record]:
+    """`n` distinct chat rows whose reply is prose in the style of the `tiny` presets' pretraining corpus.
+
+    Replay data for models built by `training_core.presets` (their tokenizer was trained on such text); it is
+    not the held-out-text guard's text (`evals.builtin.heldout_texts` draws from other templates).
+    """
+    from training_core.tokenizer_build import random_prose
+
+    rng = random.Random(f"prose/{seed}")
+    seen: set[str] = set()
+    out: list[Record] = []
+    while len(out) < n:
+        text = random_prose(rng)
+        if text in seen:
+            continue
+        seen.add(text)
+        messages = [{"role": "user", "content": rng.choice(PROSE_PROMPTS)}, {"role": "assistant", "content": text}]
+        out.append({"id": record_id(messages, text), "messages": messages, "answer": text})
+    return out
+
+
 def extract_answer(completion: str) -> str | None:
     """The text after the first 'Answer:' up to the end of that line, stripped; None if absent."""
     m = re.search(r"Answer:[ \t]*([^\n]*)", completion)

@@ -30,6 +30,11 @@ class DataConfig:
     seed: int = 0
     train_file: str = ""  # your own chat JSONL ({"messages": [...], "answer": ...} per line)
     eval_file: str = ""
+    # General-data replay mixed into training (the usual remedy against forgetting; the held-out-text guard
+    # measures it): "auto" = the base model's own pretraining-style text when tuneloop knows it (its
+    # random-init presets: the prose their tokenizer was trained on), else none; "" = none; or a chat JSONL.
+    replay: str = "auto"
+    replay_fraction: float = 0.25  # share of the final training set
     renderer: str = "chat_template"
     train_on_what: str = "last_assistant_message"
     max_length: int = 128
@@ -37,10 +42,10 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 150
+    steps: int = 300
     batch_size: int = 32
     learning_rate: float = 2e-3
-    warmup_steps: int = 15
+    warmup_steps: int = 30
     min_lr_ratio: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

@@ -23,7 +23,7 @@ from flows.sft_config import PipelineConfig
 from infra import tracking
 from infra.config import from_dict, to_dict
 from tasks.evaluate import evaluate_model, guard_benchmarks, target_benchmark
-from tasks.prepare_data import DatasetInfo, prepare_dataset
+from tasks.prepare_data import DatasetInfo, prepare_dataset, resolve_replay
 from tasks.train import TrainResult, train_sft
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def _logger() -> Any:
 @task(name="prepare-data", retries=1, retry_delay_seconds=0)
 def prepare_data_task(cfg: dict[str, Any], cache_root: str) -> DatasetInfo:
     c = from_dict(PipelineConfig, cfg)
-    info = prepare_dataset(c.data, cache_root)
+    info = prepare_dataset(resolve_replay(c.data, c.model.base_model), cache_root)
     _logger().info("data: %d train / %d eval rows (%s, cache %s)", info.n_train, info.n_eval, info.dir,
                    "hit" if info.cached else "miss")
     return info

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,9 @@ def _file_hash(path: str) -> str:
 
 
 def dataset_hash(cfg: DataConfig) -> str:
-    key = {"cfg": asdict(cfg), "train": _file_hash(cfg.train_file), "eval": _file_hash(cfg.eval_file)}
+    replay_file = cfg.replay if cfg.replay and cfg.replay != "auto" and not cfg.replay.startswith("builtin:") else ""
+    key = {"cfg": asdict(cfg), "train": _file_hash(cfg.train_file), "eval": _file_hash(cfg.eval_file),
+           "replay": _file_hash(replay_file)}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -100,17 +103,57 @@ def _with_ids(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def resolve_replay(cfg: DataConfig, base_model: str) -> DataConfig:
+    """`cfg` with `replay="auto"` resolved for `base_model` (so the dataset hash names the real choice)."""
+    if cfg.replay != "auto":
+        return cfg
+    from training_core.presets import PRESETS, RandomInitSpec
+
+    known = isinstance(PRESETS.get(base_model), RandomInitSpec)
+    if not known:
+        log.info("data.replay=auto: no known pretraining text for %s, no replay (set data.replay=FILE)", base_model)
+    return replace(cfg, replay="builtin:prose" if known else "")
+
+
+def replay_rows(cfg: DataConfig, n_task: int) -> list[dict[str, Any]]:
+    """Replay rows making up `replay_fraction` of a training set that has `n_task` task rows."""
+    if not cfg.replay or cfg.replay == "auto" or n_task == 0:
+        return []
+    if not 0.0 <= cfg.replay_fraction < 1.0:
+        raise DataValidationError(f"data.replay_fraction must be in [0, 1), got {cfg.replay_fraction}")
+    n = round(n_task * cfg.replay_fraction / (1.0 - cfg.replay_fraction))
+    if n == 0:
+        return []
+    if cfg.replay == "builtin:prose":
+        from data.generators import prose
+
+        return [dict(r) for r in prose(n, seed=cfg.seed)]
+    if cfg.replay.startswith("builtin:"):
+        raise DataValidationError(f"data.replay: unknown built-in {cfg.replay!r} (known: builtin:prose)")
+    pool = _with_ids(read_chat_jsonl(cfg.replay))
+    if len(pool) < n:
+        log.warning("data.replay %s has %d rows, fewer than the %d asked for: using all of them", cfg.replay,
+                    len(pool), n)
+        return pool
+    return random.Random(f"replay/{cfg.seed}").sample(pool, n)
+
+
 def build_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     if cfg.train_file:
-        train = read_chat_jsonl(cfg.train_file)
+        train = _with_ids(read_chat_jsonl(cfg.train_file))
         if not cfg.eval_file:
             raise DataValidationError("data.train_file is set but data.eval_file is not: give a held-out eval set")
-        evl = read_chat_jsonl(cfg.eval_file, need_answer=True)
-        return _with_ids(train), _with_ids(evl)
-    from data.generators import train_eval
+        evl = _with_ids(read_chat_jsonl(cfg.eval_file, need_answer=True))
+    else:
+        from data.generators import train_eval
 
-    train, evl = train_eval(cfg.task, cfg.n_train, cfg.n_eval, seed=cfg.seed, **cfg.task_kwargs)
-    return [dict(r) for r in train], [dict(r) for r in evl]
+        gen_train, gen_eval = train_eval(cfg.task, cfg.n_train, cfg.n_eval, seed=cfg.seed, **cfg.task_kwargs)
+        train, evl = [dict(r) for r in gen_train], [dict(r) for r in gen_eval]
+    replay = replay_rows(cfg, len(train))
+    if replay:  # interleaved at seeded random positions, so every batch sees some
+        train = train + replay
+        random.Random(f"mix/{cfg.seed}").shuffle(train)
+    return train, evl
 
 
 def _write_jsonl(rows: list[dict[str, Any]]) -> Any:

@@ -147,4 +147,6 @@ def test_bf16_engine_samples_with_logprobs_matching_its_forward(tmp_path) -> Non
         d = types.Datum(model_input=types.ModelInput.from_ints(full[:-1]), loss_fn_inputs={"target_tokens": full[1:]})
         lp_fwd = tc.forward([d], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_torch()[-len(seq.tokens):]
         diff = (torch.tensor(seq.logprobs) - lp_fwd).abs()
-        assert float(diff.mean()) < 0.05 and float(diff.max()) < 0.3, diff
+        # measured on the tiny preset: mean 0.005, max 0.02 (two bf16 computations of the same function;
+        # fp32 engines agree to 1e-4, tests/test_sampler.py)
+        assert float(diff.mean()) < 0.02 and float(diff.max()) < 0.08, diff

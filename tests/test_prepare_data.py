@@ -73,3 +73,50 @@ def test_train_and_eval_are_disjoint(tmp_path):
     tr = {json.loads(x)["id"] for x in Path(info.train_path).read_text().splitlines()}
     ev = {json.loads(x)["id"] for x in Path(info.eval_path).read_text().splitlines()}
     assert len(tr) == 300 and len(ev) == 100 and not tr & ev
+
+
+def _rows(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_replay_mixes_the_configured_share_of_general_text(tmp_path):
+    from data.generators import PROSE_PROMPTS
+
+    cfg = DataConfig(n_train=80, n_eval=10, replay="builtin:prose", replay_fraction=0.2)
+    info = prepare_dataset(cfg, tmp_path / "a")
+    train, evl = _rows(info.train_path), _rows(info.eval_path)
+    is_prose = [r["messages"][0]["content"] in PROSE_PROMPTS for r in train]
+    assert (len(train), sum(is_prose)) == (100, 20)  # 20 % of the final set
+    assert 0 < is_prose.index(True) < 80 and any(is_prose[50:]), "interleaved, not appended"
+    assert not any(r["messages"][0]["content"] in PROSE_PROMPTS for r in evl)  # eval is the task only
+    again = prepare_dataset(cfg, tmp_path / "b")
+    assert _rows(again.train_path) == train  # seeded: the same mix every time
+    plain = prepare_dataset(DataConfig(n_train=80, n_eval=10, replay=""), tmp_path / "c")
+    assert plain.n_train == 80 and _rows(plain.eval_path) == evl
+    with pytest.raises(DataValidationError, match="replay_fraction"):
+        prepare_dataset(DataConfig(n_train=80, n_eval=10, replay="builtin:prose", replay_fraction=1.0), tmp_path)
+
+
+def test_replay_auto_follows_the_base_model(tmp_path):
+    from tasks.prepare_data import resolve_replay
+
+    assert resolve_replay(DataConfig(), "tiny").replay == "builtin:prose"  # a tuneloop-built random-init base
+    assert resolve_replay(DataConfig(), str(tmp_path)).replay == ""  # any other model: no guessing
+    assert resolve_replay(DataConfig(replay=""), "tiny").replay == ""
+
+
+def test_replay_file_rows_are_validated_and_sampled(tmp_path):
+    train = _write(tmp_path / "train.jsonl", [GOOD] * 8)
+    evl = _write(tmp_path / "eval.jsonl", [{**GOOD, "answer": "four"}])
+    other = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+             for i in range(10)]
+    replay = _write(tmp_path / "replay.jsonl", other)
+    info = prepare_dataset(DataConfig(train_file=str(train), eval_file=str(evl), replay=str(replay),
+                                      replay_fraction=0.5), tmp_path / "c")
+    rows = _rows(info.train_path)
+    assert len(rows) == 16 and sum(r["messages"][0]["content"].startswith("q") for r in rows) == 8
+    bad = _write(tmp_path / "bad.jsonl", [*other[:2], {"messages": [{"role": "user", "content": "x"}]}])
+    cache = tmp_path / "bad-cache"
+    with pytest.raises(DataValidationError, match=r"bad.jsonl:3: field 'messages\[0\].role'"):
+        prepare_dataset(DataConfig(train_file=str(train), eval_file=str(evl), replay=str(bad)), cache)
+    assert not cache.exists() or not any(cache.rglob("*.jsonl"))

@@ -75,6 +75,11 @@ def _sentence(rng: random.Random) -> str:
     return text[0].upper() + text[1:] + rng.choice([".", ".", ".", "?", "!", ","])
 
 
+def random_prose(rng: random.Random) -> str:
+    """One to three sentences of the corpus' prose (the replay data of models built on this corpus)."""
+    return " ".join(_sentence(rng) for _ in range(rng.randint(1, 3)))
+
+
 def _user_prompt(rng: random.Random) -> str:
     a, b = rng.randint(0, 999), rng.randint(0, 999)
     return rng.choice(_PROMPTS).format(

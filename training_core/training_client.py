@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from training_core import state as state_io
+from training_core.async_twins import AsyncTwins
 from training_core.engine import Engine
 from training_core.futures import APIFuture
 from training_core.sampling_client import SamplingClient
@@ -32,7 +33,7 @@ from training_core.types import (
 CustomLossFn = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 
 
-class TrainingClient:
+class TrainingClient(AsyncTwins):
     def __init__(self, engine: Engine, adapter: str, model_id: str, checkpoint_root: Path,
                  user_metadata: dict[str, str] | None = None) -> None:
         self._engine, self._adapter = engine, adapter
@@ -129,31 +130,3 @@ class TrainingClient:
     def trainable_parameters(self) -> dict[str, torch.Tensor]:
         """Name -> tensor of this client's LoRA parameters (read-only views, for tests and export)."""
         return {k: v.detach() for k, v in self._engine.adapters[self._adapter].params.items()}
-
-    # ---- async twins ---------------------------------------------------------------------------------
-    async def forward_async(self, *a: Any, **k: Any) -> APIFuture[ForwardBackwardOutput]:
-        return self.forward(*a, **k)
-
-    async def forward_backward_async(self, *a: Any, **k: Any) -> APIFuture[ForwardBackwardOutput]:
-        return self.forward_backward(*a, **k)
-
-    async def forward_backward_custom_async(self, *a: Any, **k: Any) -> APIFuture[ForwardBackwardOutput]:
-        return self.forward_backward_custom(*a, **k)
-
-    async def optim_step_async(self, *a: Any, **k: Any) -> APIFuture[OptimStepResponse]:
-        return self.optim_step(*a, **k)
-
-    async def save_state_async(self, *a: Any, **k: Any) -> APIFuture[SaveWeightsResponse]:
-        return self.save_state(*a, **k)
-
-    async def save_weights_for_sampler_async(self, *a: Any, **k: Any) -> APIFuture[SaveWeightsForSamplerResponse]:
-        return self.save_weights_for_sampler(*a, **k)
-
-    async def load_state_async(self, path: str) -> APIFuture[Any]:
-        return self.load_state(path)
-
-    async def load_state_with_optimizer_async(self, path: str) -> APIFuture[Any]:
-        return self.load_state_with_optimizer(path)
-
-    async def save_weights_and_get_sampling_client_async(self, name: str | None = None) -> SamplingClient:
-        return self.save_weights_and_get_sampling_client(name)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from training_core import losses
 from training_core import state as state_io
+from training_core.async_twins import AsyncTwins
 from training_core.checkpoint import CheckpointExistsError
 from training_core.distributed import protocol as P
 from training_core.distributed.controller import WorkerPool
@@ -39,7 +40,7 @@ from training_core.types import (
 )
 
 
-class DistributedTrainingClient:
+class DistributedTrainingClient(AsyncTwins):
     def __init__(
         self,
         pool: WorkerPool,
@@ -288,33 +289,3 @@ class DistributedTrainingClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # ---- async twins ---------------------------------------------------------------------------------
-    async def forward_async(self, *a: Any, **k: Any) -> APIFuture[ForwardBackwardOutput]:
-        return self.forward(*a, **k)
-
-    async def forward_backward_async(self, *a: Any, **k: Any) -> APIFuture[ForwardBackwardOutput]:
-        return self.forward_backward(*a, **k)
-
-    async def forward_backward_custom_async(self, *a: Any, **k: Any) -> APIFuture[ForwardBackwardOutput]:
-        return self.forward_backward_custom(*a, **k)
-
-    async def optim_step_async(self, *a: Any, **k: Any) -> APIFuture[OptimStepResponse]:
-        return self.optim_step(*a, **k)
-
-    async def save_state_async(self, *a: Any, **k: Any) -> APIFuture[SaveWeightsResponse]:
-        return self.save_state(*a, **k)
-
-    async def save_weights_for_sampler_async(
-        self, *a: Any, **k: Any
-    ) -> APIFuture[SaveWeightsForSamplerResponse]:
-        return self.save_weights_for_sampler(*a, **k)
-
-    async def load_state_async(self, path: str) -> APIFuture[Any]:
-        return self.load_state(path)
-
-    async def load_state_with_optimizer_async(self, path: str) -> APIFuture[Any]:
-        return self.load_state_with_optimizer(path)
-
-    async def save_weights_and_get_sampling_client_async(self, name: str | None = None) -> SamplingClient:
-        return self.save_weights_and_get_sampling_client(name)
