@@ -86,10 +86,14 @@ def _file_hash(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
 
 
+def _replay_file(cfg: DataConfig) -> str:
+    """The replay JSONL path, or "" when replay is off, unresolved ("auto") or built in ("builtin:...")."""
+    return "" if cfg.replay in ("", "auto") or cfg.replay.startswith("builtin:") else cfg.replay
+
+
 def dataset_hash(cfg: DataConfig) -> str:
-    replay_file = cfg.replay if cfg.replay and cfg.replay != "auto" and not cfg.replay.startswith("builtin:") else ""
     key = {"cfg": asdict(cfg), "train": _file_hash(cfg.train_file), "eval": _file_hash(cfg.eval_file),
-           "replay": _file_hash(replay_file)}
+           "replay": _file_hash(_replay_file(cfg))}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -130,7 +134,7 @@ def replay_rows(cfg: DataConfig, n_task: int) -> list[dict[str, Any]]:
         return [dict(r) for r in prose(n, seed=cfg.seed)]
     if cfg.replay.startswith("builtin:"):
         raise DataValidationError(f"data.replay: unknown built-in {cfg.replay!r} (known: builtin:prose)")
-    pool = _with_ids(read_chat_jsonl(cfg.replay))
+    pool = _with_ids(read_chat_jsonl(_replay_file(cfg)))
     if len(pool) < n:
         log.warning("data.replay %s has %d rows, fewer than the %d asked for: using all of them", cfg.replay,
                     len(pool), n)

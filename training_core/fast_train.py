@@ -21,6 +21,7 @@ Run in fp32, this path equals the generic one to fp32 roundoff (tests/test_fast_
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -28,12 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# The sampler's fused decoder reads the same architectures: one model-type list, one norm reader, one error.
+from training_core.sampling_weights import LLAMA_FAMILY, Unsupported, norm_params
+
 _CE_CHUNK = 1 << 22  # elements per fp32 chunk of the fused log-softmax (16 MB): few ops, bounded memory
-
-
-class Unsupported(Exception):
-    """The model or adapter is outside the fast path; the caller falls back to the generic path."""
 
 
 @dataclass
@@ -70,14 +69,6 @@ def _adapted(mod: nn.Module, adapter: str) -> _Adapted:
 def _rms(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
     # RMSNorm with fp32 statistics (as LlamaRMSNorm), in torch's fused kernel; one rounding back to x's dtype.
     return torch.rms_norm(x.float(), (x.shape[-1],), None if w is None else w.float(), eps).to(x.dtype)
-
-
-def _norm(mod: nn.Module) -> tuple[torch.Tensor, float]:
-    eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
-    w = getattr(mod, "weight", None)
-    if not type(mod).__name__.endswith("RMSNorm") or eps is None or w is None or w.dim() != 1:
-        raise Unsupported(f"norm {type(mod).__name__}")
-    return w, float(eps)
 
 
 @dataclass
@@ -230,7 +221,11 @@ class _CausalAttention(torch.autograd.Function):
 
 
 _ATTN_MAX_SCORES = 1 << 24  # B*H*T*T above this: the flash kernel (memory O(T) instead of O(T^2))
-_MASKS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+@functools.lru_cache(maxsize=4)  # a few recent lengths: a (G*T, T) mask is 32 MB at T=2048
+def _causal_mask(G: int, T: int) -> torch.Tensor:
+    return torch.full((T, T), float("-inf")).triu(1).repeat(G, 1)
 
 
 def _attention(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor, scale: float) -> torch.Tensor:
@@ -245,9 +240,7 @@ def _attention(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor,
         )
         return o_BHTD.transpose(1, 2).to(q_BTHD.dtype, memory_format=torch.contiguous_format)
     G = H // KV
-    mask_RT = _MASKS.get((G, T))
-    if mask_RT is None:
-        mask_RT = _MASKS[(G, T)] = torch.full((T, T), float("-inf")).triu(1).repeat(G, 1)
+    mask_RT = _causal_mask(G, T)
     q = q_BTHD.permute(0, 2, 1, 3).reshape(B, KV, G * T, D)  # head h = kv * G + g
     k = k_BTKD.transpose(1, 2).contiguous()
     v = v_BTKD.transpose(1, 2).contiguous()
@@ -261,7 +254,7 @@ def _qk_norms(layers: nn.ModuleList, H: int, KV: int) -> tuple[list[torch.Tensor
         return None, 0.0
     out, eps = [], 0.0
     for ly in layers:
-        (qw, eps), (kw, _) = _norm(ly.self_attn.q_norm), _norm(ly.self_attn.k_norm)
+        (qw, eps), (kw, _) = norm_params(ly.self_attn.q_norm), norm_params(ly.self_attn.k_norm)
         out.append(torch.cat([qw.expand(H, -1), kw.expand(KV, -1)]))
     return out, eps
 
@@ -270,7 +263,7 @@ def check_supported(model: nn.Module) -> None:
     """Raise `Unsupported` unless `model` (peft-wrapped or not) is a Llama-family decoder we can run fused."""
     inner = getattr(getattr(model, "base_model", model), "model", model)  # PeftModel -> LoraModel -> HF model
     cfg = getattr(inner, "config", None)
-    if cfg is None or cfg.model_type not in SUPPORTED_MODEL_TYPES:
+    if cfg is None or cfg.model_type not in LLAMA_FAMILY:
         raise Unsupported(f"model_type {getattr(cfg, 'model_type', None)}")
     body = getattr(inner, "model", None)
     if body is None or not hasattr(body, "layers") or not hasattr(inner, "lm_head"):
@@ -309,7 +302,7 @@ def target_logprobs(model: nn.Module, adapter: str | None, tokens_B_T: torch.Ten
     qk_norm_w, qk_eps = _qk_norms(body.layers[: cfg.num_hidden_layers], H, KV)
     for li, layer in enumerate(body.layers[: cfg.num_hidden_layers]):
         at, mlp = layer.self_attn, layer.mlp
-        h_Md = _rms(x_Md, *_norm(layer.input_layernorm))
+        h_Md = _rms(x_Md, *norm_params(layer.input_layernorm))
         qkv_mods = [_adapted(getattr(at, n), name) for n in ("q_proj", "k_proj", "v_proj")]
         qkv_BTND = _group(h_Md, qkv_mods, _stacked(at, "qkv", qkv_mods)).view(B, T, H + 2 * KV, D)
         qk_BTND = qkv_BTND[:, :, : H + KV]
@@ -319,10 +312,10 @@ def target_logprobs(model: nn.Module, adapter: str | None, tokens_B_T: torch.Ten
         qk_BTND = qk_BTND * cos_1T1D + qk_BTND.roll(half, dims=-1) * sin_rot_1T1D
         o_BTHD = _attention(qk_BTND[:, :, :H], qk_BTND[:, :, H:], qkv_BTND[:, :, H + KV :], float(attn0.scaling))
         x_Md = x_Md + _group(o_BTHD.view(M, H * D), [_adapted(at.o_proj, name)])
-        h_Md = _rms(x_Md, *_norm(layer.post_attention_layernorm))
+        h_Md = _rms(x_Md, *norm_params(layer.post_attention_layernorm))
         gu_mods = [_adapted(mlp.gate_proj, name), _adapted(mlp.up_proj, name)]
         gate, up = _group(h_Md, gu_mods, _stacked(mlp, "gate_up", gu_mods)).chunk(2, dim=-1)
         x_Md = x_Md + _group(mlp.act_fn(gate) * up, [_adapted(mlp.down_proj, name)])
-    h_Md = _rms(x_Md, *_norm(body.norm))
+    h_Md = _rms(x_Md, *norm_params(body.norm))
     logits_MV = _group(h_Md, [_adapted(inner.lm_head, name)])
     return _TargetLogprob.apply(logits_MV, targets_B_T.reshape(M)).view(B, T)

@@ -14,7 +14,8 @@ with. It is therefore exactly the log-probability that a trainer's ``forward`` o
 ``prompt + tokens`` assigns to the same tokens (within fp32 rounding, about 1e-6), which is what importance
 ratios in RL need. With bf16 weights both sides round differently (the decoder runs bf16 projections with
 fp32 attention, the trainer its own bf16 kernels): they agree to about 1e-2 (measured on the tiny preset:
-mean 0.005, max 0.02 per token); use fp32 where importance ratios must be exact. It is NOT the log-probability under the distribution actually sampled from when
+mean 0.005, max 0.02 per token); use fp32 where importance ratios must be exact. It is NOT the
+log-probability under the distribution actually sampled from when
 ``temperature != 1`` or top-k / top-p are active: that one is ``log_softmax(truncate(logits / temperature))``
 and is returned as ``SampledSequenceWithSamplingLogprobs.sampling_logprobs`` when ``sampling_logprobs=True``
 (0.0 for every token under greedy decoding, temperature 0).

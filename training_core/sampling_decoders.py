@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training_core.sampling_weights import (
+    LLAMA_FAMILY,
     Linear,
     Unsupported,
     cat_bias,
@@ -31,7 +32,6 @@ from training_core.sampling_weights import (
     rms_norm_hf,
 )
 
-_FUSED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 _STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}  # tables that do not depend on sequence length
 _FIRST_ALLOC_NEW_TOKENS = 512  # cache slots for new tokens allocated up front; more are added by doubling
 
@@ -115,7 +115,7 @@ class _Layer:
 
 def _check_supported(base: nn.Module, capacity: int) -> None:
     cfg = base.config
-    if cfg.model_type not in _FUSED_MODEL_TYPES:
+    if cfg.model_type not in LLAMA_FAMILY:
         raise Unsupported(f"model_type {cfg.model_type}")
     inner = getattr(base, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(base, "lm_head"):

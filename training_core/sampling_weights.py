@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2", "qwen3"})  # what the fused sampling/training paths read
+
 
 class Unsupported(Exception):
-    """The fused path cannot represent this model exactly; use the HF fallback."""
+    """A fused path cannot represent this model exactly; use the generic Hugging Face path."""
 
 
 class Linear:
