@@ -19,7 +19,7 @@ export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR := cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install demo test lint bench clean help
+.PHONY: install sysdeps demo test lint bench clean help
 
 help:
 	@echo "make demo | make test | make lint | make bench | make clean"
@@ -38,7 +38,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	PREFECT_HOME=$(CURDIR)/.tuneloop/prefect $(VENV)/bin/tuneloop demo $(ARGS)
 
-test: $(STAMP)
+# System packages the suite needs beyond the venv: headless Chromium renders the HTML report in a test.
+# Installed here (not only in .ci/run) so `make test` alone passes on a fresh machine.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+sysdeps:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "installing Debian package chromium (the report's headless-browser test)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) sysdeps
 	$(VENV)/bin/ruff check .
 	PREFECT_HOME=$(CURDIR)/.tuneloop/prefect-test $(PY) -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS)
 
