@@ -5,7 +5,8 @@
     add_eval_commands(subparsers)
     args = parser.parse_args(); sys.exit(args.func(args))
 
-Exit codes: 0 ok / gate passed, 1 gate failed, 2 bad input (unknown checkpoint, protocol mismatch, ...).
+Exit codes: 0 ok / gate passed (or `--no-gate`), 1 gate failed, 2 bad input (unknown checkpoint, protocol
+mismatch, no gate policy to decide with, ...).
 """
 
 from __future__ import annotations
@@ -82,6 +83,50 @@ def _from_mlflow_run(ref: str) -> EvalResult:
     return load_eval_result(folder)
 
 
+def _recorded_gate(ref: str) -> GatePolicy | None:
+    """The gate policy a pipeline run recorded with its verdict (`comparison.json` on the pipeline's run; the
+    nested evaluate run's id works too), or None for other references and runs that recorded none."""
+    if not ref.startswith("runs:/"):
+        return None
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from evals.compare import GatePolicy
+    from infra.tracking import default_tracking_uri
+
+    run_id = ref.removeprefix("runs:/").partition("/")[0]
+    uri = default_tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        for rid in (run_id, client.get_run(run_id).data.tags.get("mlflow.parentRunId")):
+            if rid and any(a.path == "comparison.json" for a in client.list_artifacts(rid)):
+                local = client.download_artifacts(rid, "comparison.json", tempfile.mkdtemp(prefix="tuneloop-gate-"))
+                policy = json.loads(Path(local).read_text())["policy"]
+                return GatePolicy.from_dict(policy, source=f"{ref}: recorded comparison.json")
+    except Exception as e:  # MlflowException, a malformed record: bad input, not a gate decision
+        raise CliError(f"{ref!r}: cannot read the gate MLflow run {run_id} recorded in {uri}: {e}") from e
+    return None
+
+
+def _gate_for(args: argparse.Namespace, suite: Suite) -> GatePolicy | None:
+    """--gate, else the suite's gate, else the gate the compared pipeline run(s) recorded; None if none.
+
+    The recorded gate is the run's own (targets, guards, margins, minimum effect): re-deciding a run with
+    other defaults (or with none, which passed vacuously) gave a verdict the pipeline never gave.
+    """
+    from evals.compare import GatePolicy
+
+    if args.gate:
+        return GatePolicy.from_yaml(args.gate)
+    if suite.gate.targets or suite.gate.guards:
+        return suite.gate
+    recorded = [g for g in (_recorded_gate(args.a), _recorded_gate(args.b)) if g is not None]
+    if any(g != recorded[0] for g in recorded[1:]):
+        raise CliError("the two runs recorded different gate policies; pass the one to apply with --gate")
+    return recorded[0] if recorded else None
+
+
 def _resolve(ref: str, suite: Suite, args: argparse.Namespace) -> EvalResult:
     """A result folder (has checkpoint.json) is loaded; `runs:/ID[/CKPT]` is an MLflow pipeline run's results;
     a checkpoint is evaluated (resuming) or looked up."""
@@ -141,17 +186,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result.summary(), indent=2, sort_keys=True))
     else:
         print(_summary_table(result))
+        # the store is relative to the cwd: say exactly where the per-example results went
+        print(f"results: {ResultStore(args.results_dir).checkpoint_dir(args.checkpoint).resolve()}")
     if args.report:
         index = write_report(args.report, results=[result], title=f"eval: {result.checkpoint}")
         if not args.json:
-            print(f"report: {index}")
+            print(f"report: {Path(index).resolve()}")
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     try:
         suite = _suite(args)
-        gate: GatePolicy = GatePolicy.from_yaml(args.gate) if args.gate else suite.gate
+        gate = _gate_for(args, suite)
+        if gate is None or not (gate.targets or gate.guards):
+            if not args.no_gate:  # refuse before any (possibly long) evaluation
+                raise CliError("no gate policy names a target or guard benchmark, so there is nothing to gate on: "
+                               "pass --gate FILE, a --suite with a gate, or runs:/ references of pipeline runs "
+                               "(their recorded gate is used); or --no-gate to compare without a gate decision")
+            gate = gate or GatePolicy()
         result_a, result_b = _resolve(args.a, suite, args), _resolve(args.b, suite, args)
         report = compare(result_a, result_b, gate,
                          allow_protocol_mismatch=True if args.allow_protocol_mismatch else None)
@@ -168,7 +221,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                              title=f"compare: {result_a.checkpoint} vs {result_b.checkpoint}")
         if not args.json:
             print(f"report: {index}")
-    return 0 if report.gate.passed else 1
+    return 0 if (report.gate.passed or not report.gated) else 1
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -192,7 +245,10 @@ def add_eval_commands(subparsers: Any) -> None:
     pc.add_argument("a", help="baseline: result folder, checkpoint, or MLflow run `runs:/ID[/CKPT]` (CKPT: trained)")
     pc.add_argument("b", help="candidate: same forms as A")
     _common(pc)
-    pc.add_argument("--gate", help="gate policy YAML (targets, guards, margins); default: the suite's gate")
+    pc.add_argument("--gate", help="gate policy YAML (targets, guards, margins); default: the suite's gate, else "
+                    "the gate a compared pipeline run (runs:/...) recorded")
+    pc.add_argument("--no-gate", action="store_true",
+                    help="compare without a gate decision (exit 0); without it, no gate policy is an error (exit 2)")
     pc.add_argument("--allow-protocol-mismatch", action="store_true", help="compare despite differing protocols")
     pc.add_argument("--loss-curves", help="JSON {name: [[step, loss], ...]} to plot in the report")
     pc.set_defaults(func=_cmd_compare)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ class GatePolicy:
     guard_margin: float = 0.02
     guard_margins: dict[str, float] = field(default_factory=dict)
     alpha: float = 0.05
-    min_effect: float = 0.02
+    min_effect: float = 0.05  # the pipeline's eval.min_effect default: one gate, one minimum effect
     min_effects: dict[str, float] = field(default_factory=dict)
     power: float = 0.8
     confidence: float = 0.95
@@ -119,6 +120,7 @@ class BenchmarkComparison:
     broken: list[Flip] = field(default_factory=list)
     protocol_hash_a: str = ""
     protocol_hash_b: str = ""
+    baseline: str = ""  # set on info rows against an extra baseline (not A): that baseline's checkpoint
 
 
 @dataclass
@@ -136,6 +138,7 @@ class ComparisonReport:
     gate: GateResult
     policy: GatePolicy
     warnings: list[str] = field(default_factory=list)
+    gated: bool = True  # False: the policy names no target or guard, so `gate` decides nothing
 
     def by_name(self) -> dict[str, BenchmarkComparison]:
         return {c.benchmark: c for c in self.comparisons}
@@ -151,7 +154,7 @@ class ComparisonReport:
             comps.append(d)
         return _finite({"checkpoint_a": self.checkpoint_a, "checkpoint_b": self.checkpoint_b, "comparisons": comps,
                         "gate": dataclasses.asdict(self.gate), "policy": dataclasses.asdict(self.policy),
-                        "warnings": self.warnings})
+                        "gated": self.gated, "warnings": self.warnings})
 
     def to_json(self, include_flips: bool = False) -> str:
         return json.dumps(self.to_dict(include_flips), indent=2, sort_keys=True, allow_nan=False)
@@ -179,6 +182,31 @@ def _flips(ra: BenchmarkResult, rb: BenchmarkResult, ids: list[str]) -> tuple[li
     return fixed, broken
 
 
+def _nonfinite_comparison(name: str, ra: BenchmarkResult, rb: BenchmarkResult, pol: GatePolicy,
+                          a_N: np.ndarray, b_N: np.ndarray) -> BenchmarkComparison:
+    """Scores that are not finite: a model put zero probability on some held-out token (log-lik -inf).
+
+    No test applies to infinite values, and dropping those examples would reward the model that has them.
+    B alone non-finite: B is infinitely worse, "regressed" (p = 0) and never non-inferior. A non-finite:
+    nothing can be quantified, "inconclusive" (p = 1), non-inferiority not shown either.
+    """
+    bad_a, bad_b = int(np.sum(~np.isfinite(a_N))), int(np.sum(~np.isfinite(b_N)))
+    b_worse = bad_b > 0 and bad_a == 0
+    nan2 = (math.nan, math.nan)
+    with np.errstate(invalid="ignore"):
+        diff = float(np.mean(b_N) - np.mean(a_N)) if b_worse else math.nan
+    comp = BenchmarkComparison(
+        benchmark=name, role=pol.role(name), kind=ra.kind, n=len(a_N), mean_a=float(np.mean(a_N)),
+        mean_b=float(np.mean(b_N)), ci_a=nan2, ci_b=nan2, diff=diff, diff_ci=(diff, diff) if b_worse else nan2,
+        test="non-finite", p_value=0.0 if b_worse else 1.0, ni_margin=pol.margin_for(name), ni_p_value=1.0,
+        ni_lower_bound=-math.inf, ni_passed=False, protocol_hash_a=ra.protocol_hash, protocol_hash_b=rb.protocol_hash)
+    for r, bad in ((ra, bad_a), (rb, bad_b)):
+        if bad:
+            comp.warnings.append(f"{r.checkpoint}: non-finite score (zero probability) on {bad} of {len(a_N)} "
+                                 f"examples")
+    return comp
+
+
 def _compare_one(name: str, ra: BenchmarkResult, rb: BenchmarkResult, pol: GatePolicy) -> BenchmarkComparison:
     ids = [i for i in ra.records if i in rb.records]
     if not ids:
@@ -186,6 +214,8 @@ def _compare_one(name: str, ra: BenchmarkResult, rb: BenchmarkResult, pol: GateP
                          f"{rb.checkpoint!r} (different prompts or templates?)")
     a_N = np.array([ra.records[i].score for i in ids])
     b_N = np.array([rb.records[i].score for i in ids])
+    if not (np.all(np.isfinite(a_N)) and np.all(np.isfinite(b_N))):
+        return _nonfinite_comparison(name, ra, rb, pol, a_N, b_N)
     kw = {"n_resamples": pol.n_bootstrap, "seed": pol.seed, "confidence": pol.confidence}
     ci_d = paired_bootstrap_ci(a_N, b_N, **kw)
     ci_a, ci_b = bootstrap_ci(a_N, **kw), bootstrap_ci(b_N, **kw)
@@ -227,9 +257,24 @@ def _verdict(c: BenchmarkComparison, alpha: float, min_effect: float) -> str:
     return "inconclusive"
 
 
+def _check_protocols(name: str, ra: BenchmarkResult, rb: BenchmarkResult, allow: bool) -> None:
+    if ra.protocol_hash != rb.protocol_hash and not allow:
+        diff = diff_protocols(ra.protocol, rb.protocol)
+        raise ProtocolMismatchError(
+            f"benchmark {name!r}: protocols differ ({ra.protocol_hash} vs {rb.protocol_hash}): "
+            + ", ".join(f"{k}: {va!r} != {vb!r}" for k, (va, vb) in diff.items())
+            + ". Re-run both under one protocol, or pass allow_protocol_mismatch=True.")
+
+
 def compare(result_a: EvalResult, result_b: EvalResult, gate: GatePolicy | None = None, *,
-            allow_protocol_mismatch: bool | None = None) -> ComparisonReport:
-    """Compare B against A (baseline) on every benchmark both have; apply the gate policy."""
+            allow_protocol_mismatch: bool | None = None,
+            info_baselines: Sequence[EvalResult] = ()) -> ComparisonReport:
+    """Compare B against A (baseline) on every benchmark both have; apply the gate policy.
+
+    `info_baselines`: further baselines B is also compared with, as info rows named `<benchmark> vs
+    <checkpoint>` (e.g. the raw base when A is the champion). They never enter the gate or the targets' Holm
+    family.
+    """
     pol = gate or GatePolicy()
     allow = pol.allow_protocol_mismatch if allow_protocol_mismatch is None else allow_protocol_mismatch
     warnings: list[str] = []
@@ -240,21 +285,33 @@ def compare(result_a: EvalResult, result_b: EvalResult, gate: GatePolicy | None 
         if ra is None or rb is None:
             warnings.append(f"{name}: only in {result_a.checkpoint if ra else result_b.checkpoint}; not compared")
             continue
-        if ra.protocol_hash != rb.protocol_hash and not allow:
-            diff = diff_protocols(ra.protocol, rb.protocol)
-            raise ProtocolMismatchError(
-                f"benchmark {name!r}: protocols differ ({ra.protocol_hash} vs {rb.protocol_hash}): "
-                + ", ".join(f"{k}: {va!r} != {vb!r}" for k, (va, vb) in diff.items())
-                + ". Re-run both under one protocol, or pass allow_protocol_mismatch=True.")
+        _check_protocols(name, ra, rb, allow)
         comps.append(_compare_one(name, ra, rb, pol))
-    for c, p_adj in zip(comps, holm([c.p_value for c in comps]), strict=True):
-        c.p_adjusted = p_adj
-        c.verdict = _verdict(c, pol.alpha, pol.min_effect_for(c.benchmark))
-        if c.verdict == "inconclusive":  # only then does "too few examples" explain the outcome
-            warn = power_warning(c.n, c.mde_sd, pol.min_effect_for(c.benchmark), alpha=pol.alpha, power=pol.power)
+    for extra in info_baselines:
+        for name, rx in extra.benchmarks.items():
+            rb = result_b.benchmarks.get(name)
+            if rb is None:
+                continue
+            _check_protocols(name, rx, rb, allow)
+            c = _compare_one(name, rx, rb, pol)
+            # Flips are listed against A only; the role is info whatever the benchmark's role against A.
+            c.benchmark, c.role, c.baseline = f"{name} vs {extra.checkpoint}", "info", extra.checkpoint
+            c.fixed, c.broken = [], []
+            comps.append(c)
+    # Holm within two families: the targets (what the gate's "improved" rests on) and everything else.
+    # One family over all rows let an added info or guard benchmark change the target's verdict.
+    for family in ([c for c in comps if c.role == "target"], [c for c in comps if c.role != "target"]):
+        for c, p_adj in zip(family, holm([c.p_value for c in family]), strict=True):
+            c.p_adjusted = p_adj
+    for c in comps:
+        min_effect = pol.min_effect_for(c.benchmark.removesuffix(f" vs {c.baseline}") if c.baseline else c.benchmark)
+        c.verdict = _verdict(c, pol.alpha, min_effect)
+        if c.verdict == "inconclusive" and math.isfinite(c.mde_sd):  # only then does "too few examples" explain it
+            warn = power_warning(c.n, c.mde_sd, min_effect, alpha=pol.alpha, power=pol.power)
             if warn:
                 c.warnings.insert(0, warn)
-    report = ComparisonReport(result_a.checkpoint, result_b.checkpoint, comps, GateResult(True, [], []), pol, warnings)
+    report = ComparisonReport(result_a.checkpoint, result_b.checkpoint, comps, GateResult(True, [], []), pol, warnings,
+                              gated=bool(pol.targets or pol.guards))
     report.gate = evaluate_gate(report, pol)
     return report
 
@@ -309,11 +366,18 @@ def format_verdict_table(report: ComparisonReport) -> str:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
+    lines.append("p(Holm): adjusted within the targets, and separately within the other rows")
+    extra = sorted({c.baseline for c in report.comparisons if c.baseline})
+    if extra:
+        lines.append(f"rows '... vs X': B against X ({', '.join(extra)}) instead of A, for information only")
     notes = [f"{c.benchmark}: {w}" for c in report.comparisons for w in c.warnings] + report.warnings
     if notes:
         lines.append("")
         lines.extend(f"warning: {n}" for n in notes)
     lines.append("")
+    if not report.gated:  # a vacuous "PASSED" read like a release decision
+        lines.append("GATE: NONE (no target or guard benchmarks configured; nothing was gated)")
+        return "\n".join(lines)
     lines.append(f"GATE: {'PASSED' if report.gate.passed else 'FAILED'}")
     lines.extend(f"  {r}" for r in report.gate.reasons)
     return "\n".join(lines)

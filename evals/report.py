@@ -35,8 +35,8 @@ def _scores_plot(results: Sequence[EvalResult], path: Path) -> None:
         kind = "generate"
         for r in results:
             br = r.benchmarks.get(name)
-            if br is None or not br.records:
-                continue
+            if br is None or not br.records or not math.isfinite(br.mean):
+                continue  # -inf scores (zero-probability texts) have no bar; the verdict table names them
             ci = br.ci()
             kind = br.kind
             labels.append(r.checkpoint[-18:])
@@ -61,6 +61,8 @@ def _forest_plot(report: ComparisonReport, path: Path) -> None:
     for i, c in enumerate(comps):
         y = len(comps) - 1 - i
         color = _VERDICT_COLOR.get(c.verdict, "black")
+        if not all(map(math.isfinite, (c.diff, *c.diff_ci))):
+            continue  # a non-finite comparison (see compare._nonfinite_comparison) has no point to draw
         ax.errorbar(c.diff, y, xerr=[[c.diff - c.diff_ci[0]], [c.diff_ci[1] - c.diff]], fmt="o", color=color, capsize=4)
         if c.role == "guard":
             ax.plot([-c.ni_margin], [y], marker="|", markersize=18, markeredgewidth=2.5, color="#c0392b")
@@ -118,7 +120,7 @@ def write_report(out_dir: str | Path, *, report: ComparisonReport | None = None,
     out.mkdir(parents=True, exist_ok=True)
     parts = [f"<h1>{_esc(title)}</h1>"]
     if report is not None:
-        status = "PASSED" if report.gate.passed else "FAILED"
+        status = "NONE" if not report.gated else "PASSED" if report.gate.passed else "FAILED"
         parts.append(f"<h2 class='gate {status.lower()}'>Gate: {status}</h2><ul>"
                      + "".join(f"<li>{_esc(r)}</li>" for r in report.gate.reasons) + "</ul>")
         parts.append(f"<h2>Verdicts</h2><pre class='table'>{_esc(format_verdict_table(report))}</pre>")

@@ -59,7 +59,7 @@ class BenchmarkResult:
     def summary(self) -> dict[str, Any]:
         d: dict[str, Any] = {"benchmark": self.benchmark, "kind": self.kind, "n": len(self.records),
                              "n_expected": self.n_examples, "mean": self.mean, "protocol_hash": self.protocol_hash}
-        if self.records:
+        if self.records and math.isfinite(self.mean):  # no CI over -inf scores (zero-probability texts)
             ci = self.ci()
             d.update(ci_low=ci.low, ci_high=ci.high)
         if self.kind == "perplexity" and self.records:
@@ -122,11 +122,15 @@ def _run_nll(gen: Generator, bench: AnyBenchmark, batch: list[Example], ckpt: st
         raise ValueError(f"generator {gen.name!r}: nll() returned {type(res).__name__} for {len(texts)} texts")
     records = []
     for ex, text, (nll, toks) in zip(batch, texts, res, strict=True):
-        if toks <= 0 or not math.isfinite(nll):
+        if toks <= 0 or nll == -math.inf:
             raise ValueError(f"generator {gen.name!r}: nll() gave ({nll}, {toks}) for a text in {bench.name!r}")
+        # A non-finite NLL means the model put zero (or NaN) probability on a held-out token: it is scored
+        # -inf, which counts against this model in the comparison (see evals.compare), instead of failing
+        # the whole eval or being dropped.
+        nll = float(nll) if math.isfinite(nll) else math.inf
         records.append(ExampleRecord(
             example_id=ex.id, benchmark=bench.name, checkpoint=ckpt, protocol_hash=phash, prompt=text,
-            output="", extracted=f"{nll / toks:.6f}", score=-float(nll) / toks, extra={"nll": float(nll), "tokens": int(toks)}))
+            output="", extracted=f"{nll / toks:.6f}", score=-nll / toks, extra={"nll": nll, "tokens": int(toks)}))
     return records
 
 

@@ -85,35 +85,38 @@ def mcnemar_exact(a: ArrayLike, b: ArrayLike) -> McNemarResult:
     m = only_a + only_b
     if m == 0:
         return McNemarResult(only_a, only_b, 1.0)
-    k = min(only_a, only_b)
-    # P(X <= k) for X ~ Binomial(m, 1/2), summed exactly in integers then doubled.
-    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2.0**m
-    return McNemarResult(only_a, only_b, min(1.0, 2.0 * tail))
+    # scipy's exact binomial test works in log space: summing C(m, i) / 2.0**m overflowed at m >= 1024
+    # discordant pairs (any 0/1 benchmark of a few thousand examples). Under p = 1/2 the distribution is
+    # symmetric, so its two-sided p-value is twice the smaller tail, capped at 1.
+    return McNemarResult(only_a, only_b, float(sps.binomtest(only_a, m, 0.5).pvalue))
+
+
+def _no_spread(sd: float, a_N: np.ndarray, b_N: np.ndarray) -> bool:
+    """SD of the differences at floating-point rounding level of the scores (a constant shift computed in
+    floats is not exactly constant): a t statistic of ~1e15 there is an artifact, not evidence."""
+    scale = max(1.0, float(np.max(np.abs(a_N))), float(np.max(np.abs(b_N))))
+    return sd <= 1e-12 * scale
 
 
 def paired_t_test(a: ArrayLike, b: ArrayLike, *, null: float = 0.0, alternative: str = "two-sided") -> float:
     """p-value of a t-test on d = b - a against mean `null` ('two-sided' | 'greater' | 'less')."""
+    if alternative not in ("two-sided", "greater", "less"):
+        raise ValueError(f"alternative must be two-sided, greater or less, got {alternative!r}")
     a_N, b_N = _paired(a, b)
     d_N = b_N - a_N
     n = d_N.size
     mean = float(d_N.mean())
     sd = float(d_N.std(ddof=1)) if n > 1 else 0.0
-    if sd == 0.0 or n < 2:
-        # No spread: the data are decisive (or uninformative when mean == null).
-        if mean == null:
-            return 1.0
-        sign = mean > null
-        if alternative == "two-sided":
-            return 0.0
-        return 0.0 if (alternative == "greater") == sign else 1.0
+    if n < 2 or _no_spread(sd, a_N, b_N):
+        # No observed spread (always so for one pair) is no estimate of the noise, not proof: a p-value of
+        # 0 here let one example "show" an effect or non-inferiority. Inconclusive instead.
+        return 1.0
     t = (mean - null) / (sd / math.sqrt(n))
     if alternative == "two-sided":
         return float(2 * sps.t.sf(abs(t), n - 1))
     if alternative == "greater":
         return float(sps.t.sf(t, n - 1))
-    if alternative == "less":
-        return float(sps.t.cdf(t, n - 1))
-    raise ValueError(f"alternative must be two-sided, greater or less, got {alternative!r}")
+    return float(sps.t.cdf(t, n - 1))
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -144,6 +147,8 @@ def noninferiority(a: ArrayLike, b: ArrayLike, margin: float, *, alpha: float = 
     need no multiplicity correction (intersection-union test: the gate needs all of them to pass).
     With 0/1 scores and no flips at all the observed SD is 0 and a t-test would "prove" anything on
     5 items; then the SD of the smoothed discordance (half a flip each way, see `diff_sd`) is used.
+    Fewer than 2 pairs, or continuous scores with no spread at all, give no estimate of the noise:
+    inconclusive (p = 1, lower bound -inf, not passed), never a p-value of 0.
     """
     if margin < 0:
         raise ValueError(f"non-inferiority margin must be >= 0, got {margin}")
@@ -154,9 +159,8 @@ def noninferiority(a: ArrayLike, b: ArrayLike, margin: float, *, alpha: float = 
     sd = float(d_N.std(ddof=1)) if n > 1 else 0.0
     if sd == 0.0 and is_binary(a_N) and is_binary(b_N):
         sd = _smoothed_binary_sd(a_N, b_N)
-    if sd == 0.0 or n < 2:
-        p = paired_t_test(a_N, b_N, null=-margin, alternative="greater")
-        return NonInferiority(margin, p, mean, p < alpha)
+    if n < 2 or _no_spread(sd, a_N, b_N):
+        return NonInferiority(margin, 1.0, -math.inf, False)
     se = sd / math.sqrt(n)
     p = float(sps.t.sf((mean + margin) / se, n - 1))
     lower = mean - float(sps.t.ppf(1 - alpha, n - 1)) * se

@@ -49,11 +49,13 @@ def split_holdout(rows: Rows, frac: float, where: str) -> tuple[Rows, Rows]:
     side = [held_out(r) for r in rows]
     train = [r for r, e in zip(rows, side, strict=True) if not e]
     evl = [r for r, e in zip(rows, side, strict=True) if e]
+    from tasks.prepare_data import DataValidationError  # bad input: exit 2
+
     if not evl or not train:
-        raise ValueError(f"{where}: {len(rows)} rows are too few to hold out {frac:.0%}; pass --eval FILE")
+        raise DataValidationError(f"{where}: {len(rows)} rows are too few to hold out {frac:.0%}; pass --eval FILE")
     for line, (r, e) in enumerate(zip(rows, side, strict=True), 1):
         if e and not isinstance(r.get("answer"), str):
-            raise ValueError(f"{where}:{line}: field 'answer': held-out eval rows need one (or use --eval)")
+            raise DataValidationError(f"{where}:{line}: field 'answer': held-out eval rows need one (or use --eval)")
     return train, evl
 
 
@@ -102,8 +104,15 @@ def _report_run(fr: Any, waited: bool) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     from flows.deployments import trigger
+    from flows.preflight import check_data
     from flows.retrain import data_triggered_run
+    from flows.sft_config import PipelineConfig
+    from infra.config import load_config
 
+    # the checks the run will apply (lengths, duplicates, leaks), before a drop exists to start a run on
+    data_cfg = load_config(PipelineConfig, args.config, [*args.overrides, f"data.train_file={args.file}",
+                                                         f"data.eval_file={args.eval or ''}"])
+    check_data(data_cfg, require_eval=False)
     drop_id, train_uri, eval_uri = push_dataset(args.file, args.eval, args.to, args.drop_id, args.holdout)
     print(f"pushed drop {drop_id}: {train_uri} + {eval_uri}")
     if args.no_trigger:
@@ -118,6 +127,9 @@ def cmd_push(args: argparse.Namespace) -> int:
     print(f"{why}: running the flow in this process")
     out = data_triggered_run(config=_config(args), **params)
     print(format_outcome(out))
+    if out.status == "trained" and not out.gate_passed and args.fail_on_gate:
+        print("tuneloop: the gate failed: exit 1 (--no-fail-on-gate to exit 0)")
+        return EXIT_FAIL
     return EXIT_OK
 
 
@@ -146,7 +158,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         name, params = SCHEDULED, {}
     else:
         if not (args.train and args.eval):
-            raise ValueError("`deployments run data` needs --train URI and --eval URI")
+            from infra.config import BadInputError
+
+            raise BadInputError("`deployments run data` needs --train URI and --eval URI")
         name, params = DATA, {"train_uri": args.train, "eval_uri": args.eval}
     return _report_run(trigger(name, params, wait=args.wait, timeout=args.timeout), args.wait)
 
@@ -184,6 +198,8 @@ def add_push_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-trigger", action="store_true", help="only store the drop")
     p.add_argument("--local", action="store_true", help="run the flow here even if a server is configured")
     p.add_argument("--deployment", default=DATA, help="deployment to trigger (default %(default)s)")
+    p.add_argument("--fail-on-gate", action=argparse.BooleanOptionalAction, default=True,
+                   help="run here: exit 1 when the run's gate fails (default); --no-fail-on-gate exits 0")
     _wait_args(p)
     p.set_defaults(func=cmd_push)
     return p

@@ -14,7 +14,9 @@ A drop uploaded by other tools (no manifest) counts once both files exist and th
 `data.drop_mtime`. The champion's data time is its `data.drop_mtime` tag, or its registration time when it
 was not trained from a drop. `scheduled_retrain` takes the newest drop newer than that which no registered
 version was trained on yet (so a drop whose model failed the gate is not retrained on every tick), and
-trains from the champion's checkpoint.
+trains from the champion's checkpoint. The pipeline gates the result against the champion (not the base:
+a retrain on bad data can still beat the base while undoing the champion's gains), so `champion` moves only
+to a version that beats the current champion.
 
 Two retrains never overlap: each holds the one slot of the Prefect global concurrency limit
 `tuneloop-retrain` (created with limit 1 on first use) from planning to registration, so a second one
@@ -79,6 +81,7 @@ class RetrainOutcome:
     mlflow_run_id: str = ""
     run_name: str = ""
     checkpoint_uri: str = ""
+    compared_against: str = ""  # the gate's baseline: "champion v<N>" or "base"
 
 
 def _logger() -> Any:
@@ -254,7 +257,7 @@ def _train_on_drop(config: dict[str, Any], drop: DataDrop, champion: ChampionInf
         init_from=cfg.init_from, champion_before=champion.version if champion else "",
         model_version=res.model_version, promoted=res.promoted, gate_passed=res.gate_passed,
         verdict=res.verdict, mlflow_run_id=res.mlflow_run_id, run_name=run_name,
-        checkpoint_uri=res.checkpoint_uri,
+        checkpoint_uri=res.checkpoint_uri, compared_against=res.compared_against,
     )
 
 

@@ -22,6 +22,7 @@ CHAMPION = "champion"
 POINTER_DIR = "checkpoint_pointer"
 TAG_URI = "checkpoint_uri"
 TAG_GATE = "gate_passed"
+ANY = "*"  # promote_if_passed(gated_against=ANY): the caller does not say what its gate compared against
 
 
 def _client(tracking_uri: str | None) -> MlflowClient:
@@ -95,13 +96,26 @@ def promote_if_passed(
     alias: str = CHAMPION,
     *,
     tracking_uri: str | None = None,
+    gated_against: str | None = ANY,
 ) -> bool:
-    """Tag the gate outcome; move `alias` to this version only when the gate passed. Returns gate_passed."""
+    """Tag the gate outcome; move `alias` to this version only when the gate passed. Returns whether it moved.
+
+    `gated_against`: the version holding `alias` that the gate compared this one with (None: there was none,
+    the gate was against the base). A gate against the base, or against a champion that has been replaced
+    since, says nothing about the current champion, so then the alias stays (tag `promotion_skipped`).
+    MLflow has no compare-and-set on aliases: a promotion racing this check between read and write can
+    still win; retrains serialize on a Prefect concurrency slot for that reason.
+    """
     client = _client(tracking_uri)
     client.set_model_version_tag(name, str(version), TAG_GATE, "true" if gate_passed else "false")
     if not gate_passed:
         return False
     previous = _alias_version(client, name, alias)
+    if gated_against != ANY and previous != gated_against:
+        against = f"version {gated_against}" if gated_against else "the base model"
+        client.set_model_version_tag(name, str(version), "promotion_skipped",
+                                     f"gate compared against {against}, but {alias} is now version {previous}")
+        return False
     client.set_registered_model_alias(name, alias, str(version))
     client.set_model_version_tag(name, str(version), f"promoted_to.{alias}", "true")
     if previous is not None and previous != str(version):

@@ -3,9 +3,18 @@
 Pure planning (`plan_prune`) over CheckpointInfo records, a thin executor (`prune`) over a Storage, and
 `add_checkpoint_commands(subparsers)` for `tuneloop checkpoints list|prune|du`.
 
-Safety rules, whatever the policy: the newest committed checkpoint of every run directory (the resume point)
+Safety rules, whatever the policy: the newest committed checkpoint of every unfinished run (its resume point)
 and any checkpoint marked champion (marker object or `protect=`) are kept; a checkpoint is kept if ANY
 given policy keeps it; deleting un-commits first (manifest removed before the files).
+
+Runs: in the pipeline's layout (`<run>/checkpoints/<session>/weights/step-N`, `<run>/checkpoints/final`) a
+checkpoint belongs to the directory above `checkpoints/`; elsewhere to its parent directory. A run is finished
+once it has `summary.json` (the pipeline writes it last) or a checkpoint whose metadata says `final: true`
+(training writes it after its last step): it needs no resume point, so `--keep-last` / `--ttl` can free it.
+
+Leftovers (`--partial-older-than`) are only what a killed writer leaves: hidden temp dirs of a local atomic
+write (`.step-000004.tmp-…`) and uploads that hold the upload marker but no manifest. A run's own files
+(summary.json, metrics.jsonl, report/, eval/, data_quality/ ...) are never leftovers.
 """
 
 from __future__ import annotations
@@ -20,10 +29,24 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from infra.storage import MANIFEST_NAME, CorruptCheckpointError, ObjectInfo, Storage, join_key, open_storage
+from infra.config import BadInputError
+from infra.storage import MANIFEST_NAME, CorruptCheckpointError, Storage, join_key, open_storage
+from infra.storage_base import UPLOAD_MARKER
 
 CHAMPION_MARKER = "CHAMPION.json"  # written next to manifest.json; not part of the manifest
 DEFAULT_STORAGE_ENV = "TUNELOOP_STORAGE"
+RUN_SUMMARY = "summary.json"  # flows/sft_pipeline.py writes it last into the run directory
+CHECKPOINTS_DIR = "checkpoints"  # <run>/checkpoints/... in the pipeline's layout
+
+
+def run_of(prefix: str) -> str:
+    """The run directory owning checkpoint `prefix`: the part above the last `checkpoints/` (pipeline layout,
+    whatever session / weights dirs lie below it), else the parent directory ('' at the root)."""
+    parts = prefix.split("/")
+    above = [i for i, p in enumerate(parts[:-1]) if p == CHECKPOINTS_DIR]
+    if above:
+        return "/".join(parts[: above[-1]])
+    return prefix.rsplit("/", 1)[0] if "/" in prefix else ""
 
 
 @dataclass(frozen=True)
@@ -35,11 +58,17 @@ class CheckpointInfo:
     created_at: float
     metadata: dict[str, Any] = field(default_factory=dict)
     champion: bool = False
+    run_finished: bool = False  # its run directory holds summary.json
 
     @property
     def group(self) -> str:
         """The run directory holding this checkpoint ('' at the root)."""
-        return self.prefix.rsplit("/", 1)[0] if "/" in self.prefix else ""
+        return run_of(self.prefix)
+
+    @property
+    def final(self) -> bool:
+        """Written after its run's last training step (training_core metadata `final: true`)."""
+        return self.metadata.get("final") is True
 
 
 @dataclass
@@ -76,8 +105,11 @@ def list_checkpoints(
     """Committed checkpoints under prefix, oldest first, with sizes summed from one listing."""
     protected = {_to_prefix(storage, p) for p in protect}
     objects = storage.list(f"{prefix.strip('/')}/" if prefix.strip("/") else "")
+    committed = storage.list_committed(prefix)
+    # one lookup per run: summary.json may lie above `prefix` (e.g. --prefix run/checkpoints)
+    finished = {r: storage.exists(join_key(r, RUN_SUMMARY)) for r in {run_of(ck) for ck in committed}}
     out: list[CheckpointInfo] = []
-    for ck in storage.list_committed(prefix):
+    for ck in committed:
         inside = [o for o in objects if ck == "" or o.key.startswith(ck + "/")]
         try:
             manifest = storage.read_manifest(ck)
@@ -95,6 +127,7 @@ def list_checkpoints(
                 created_at=created,
                 metadata=meta,
                 champion=ck in protected or any(o.key == marker for o in inside),
+                run_finished=finished[run_of(ck)],
             )
         )
     return sorted(out, key=lambda c: (c.created_at, c.prefix))
@@ -143,13 +176,13 @@ def plan_prune(
 ) -> PrunePlan:
     """Decide what to keep. A checkpoint survives if any rule keeps it; with no rule at all, refuse."""
     if keep_last is None and keep_best is None and ttl_s is None:
-        raise ValueError(
+        raise BadInputError(
             "give at least one of keep_last, keep_best (+metric) or ttl; refusing to prune everything"
         )
     if keep_best is not None and not metric:
-        raise ValueError("keep_best needs a metric name from the manifest metadata")
+        raise BadInputError("keep_best needs a metric name from the manifest metadata")
     if mode not in ("max", "min"):
-        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        raise BadInputError(f"mode must be 'max' or 'min', got {mode!r}")
     now = time.time() if now is None else now
     ordered = sorted(checkpoints, key=lambda c: (c.created_at, c.prefix))
     reasons: dict[str, list[str]] = {}
@@ -158,12 +191,16 @@ def plan_prune(
         reasons.setdefault(c.prefix, []).append(why)
 
     latest_per_group: dict[str, CheckpointInfo] = {}
+    finished: set[str] = set()
     for c in ordered:
         latest_per_group[c.group] = c
+        if c.run_finished or c.final:
+            finished.add(c.group)
         if c.champion:
             keep(c, "champion")
     for g, c in latest_per_group.items():
-        keep(c, f"latest in {g or '/'}")
+        if g not in finished:  # a finished run resumes from nothing: the policies alone decide
+            keep(c, f"resume point of {g or '/'}")
     if keep_last is not None and keep_last > 0:
         for c in ordered[-keep_last:]:
             keep(c, f"last {keep_last}")
@@ -183,23 +220,45 @@ def plan_prune(
     )
 
 
+@dataclass(frozen=True)
+class Leftover:
+    key: str  # a hidden temp entry, or the prefix of an interrupted upload
+    size: int
+    mtime: float  # newest object in it
+    kind: str  # "temp" | "upload"
+
+
 def find_partial(
     storage: Storage, prefix: str = "", *, older_than_s: float, now: float | None = None
-) -> dict[str, list[ObjectInfo]]:
-    """Objects outside every committed checkpoint, by directory, where the directory's newest object is older
-    than older_than_s (so an upload still in progress is left alone).
-
-    These are leftovers of crashed uploads. Only meaningful on a checkpoints root: anything else living
-    under the prefix would count too.
+) -> list[Leftover]:
+    """Half-written leftovers whose newest object is older than older_than_s (a write in progress is left
+    alone): hidden temp dirs/files of a killed local writer (training_core's `.step-N.tmp-…` checkpoint dirs,
+    storage and download temps) and uploads interrupted before their manifest (upload marker, no manifest).
     """
     now = time.time() if now is None else now
-    committed = storage.list_committed(prefix)
-    dirs: dict[str, list[ObjectInfo]] = {}
-    for o in storage.list(f"{prefix.strip('/')}/" if prefix.strip("/") else ""):
-        if any(c == "" or o.key.startswith(c + "/") for c in committed):
+    found = [Leftover(o.key, o.size, o.mtime, "temp") for o in storage.list_temp(prefix)]
+    objects = storage.list(f"{prefix.strip('/')}/" if prefix.strip("/") else "")
+    keys = {o.key for o in objects}
+    for o in objects:
+        if o.key.rsplit("/", 1)[-1] != UPLOAD_MARKER or "/" not in o.key:
             continue
-        dirs.setdefault(o.key.rsplit("/", 1)[0] if "/" in o.key else "", []).append(o)
-    return {d: objs for d, objs in dirs.items() if d and now - max(o.mtime for o in objs) >= older_than_s}
+        up = o.key.rsplit("/", 1)[0]
+        if join_key(up, MANIFEST_NAME) in keys:
+            continue  # committed; the stray marker of a kill between commit and marker removal
+        inside = [x for x in objects if x.key.startswith(up + "/")]
+        found.append(Leftover(up, sum(x.size for x in inside), max(x.mtime for x in inside), "upload"))
+    return sorted((f for f in found if now - f.mtime >= older_than_s), key=lambda f: f.key)
+
+
+def _delete_leftover(storage: Storage, left: Leftover) -> None:
+    if left.kind == "temp":
+        storage.delete_temp(left.key)
+        return
+    marker = join_key(left.key, UPLOAD_MARKER)
+    for o in storage.list(f"{left.key}/"):
+        if o.key != marker:
+            storage.delete(o.key)
+    storage.delete(marker)  # last: a prune killed midway still finds this upload next time
 
 
 def prune(
@@ -216,22 +275,25 @@ def prune(
     dry_run: bool = False,
     now: float | None = None,
 ) -> PrunePlan:
-    plan = plan_prune(
-        list_checkpoints(storage, prefix, protect=protect),
-        keep_last=keep_last, keep_best=keep_best, metric=metric, mode=mode, ttl_s=ttl_s, now=now,
-    )  # fmt: skip
+    cks = list_checkpoints(storage, prefix, protect=protect)
+    if keep_last is None and keep_best is None and ttl_s is None and partial_older_than_s is not None:
+        # only a leftover clean-up was asked for: every committed checkpoint stays
+        plan = PrunePlan(keep=cks, delete=[], reasons={c.prefix: ["no checkpoint policy given"] for c in cks})
+    else:
+        plan = plan_prune(
+            cks, keep_last=keep_last, keep_best=keep_best, metric=metric, mode=mode, ttl_s=ttl_s, now=now
+        )
     leftovers = (
         find_partial(storage, prefix, older_than_s=partial_older_than_s, now=now)
         if partial_older_than_s is not None
-        else {}
+        else []
     )
-    plan.partial = {d: sum(o.size for o in objs) for d, objs in leftovers.items()}
+    plan.partial = {left.key: left.size for left in leftovers}
     if not dry_run:
         for c in plan.delete:
             storage.delete_checkpoint(c.prefix)
-        for objs in leftovers.values():
-            for o in objs:
-                storage.delete(o.key)
+        for left in leftovers:
+            _delete_leftover(storage, left)
     return plan
 
 
@@ -241,8 +303,9 @@ class Usage:
     objects: int
     committed: int
     committed_bytes: int
-    uncommitted_bytes: int
+    uncommitted_bytes: int  # everything else, half-written temp entries included
     per_group: dict[str, dict[str, int]]
+    temp_bytes: int = 0  # hidden temp entries of killed local writers (prune --partial-older-than)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -256,9 +319,10 @@ def usage(storage: Storage, prefix: str = "") -> Usage:
         g = per_group.setdefault(c.group or "/", {"checkpoints": 0, "bytes": 0})
         g["checkpoints"] += 1
         g["bytes"] += c.size
-    total = sum(o.size for o in objects)
+    temp = sum(t.size for t in storage.list_temp(prefix))
+    total = sum(o.size for o in objects) + temp
     committed_bytes = sum(c.size for c in cks)
-    return Usage(total, len(objects), len(cks), committed_bytes, total - committed_bytes, per_group)
+    return Usage(total, len(objects), len(cks), committed_bytes, total - committed_bytes, per_group, temp)
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------
@@ -297,6 +361,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print(
         f"{len(cks)} committed checkpoints, {human_bytes(sum(c.size for c in cks))} in {st.uri(args.prefix)}"
     )
+    temps = st.list_temp(args.prefix)
+    if temps:
+        print(f"{len(temps)} half-written temp entries ({human_bytes(sum(t.size for t in temps))}), "
+              f"e.g. {temps[0].key}: `checkpoints prune --partial-older-than` removes them")
     return 0
 
 
@@ -331,7 +399,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     for c in plan.delete:
         print(f"{verb:<7} {c.prefix}  {human_bytes(c.size)}")
     for d, n in plan.partial.items():
-        print(f"{verb:<7} {d}/ (uncommitted leftovers)  {human_bytes(n)}")
+        print(f"{verb:<7} {d} (half-written leftover)  {human_bytes(n)}")
     print(
         f"{verb} {len(plan.delete)} checkpoints, {human_bytes(plan.freed_bytes)} freed; kept {len(plan.keep)}"
     )
@@ -347,7 +415,8 @@ def _cmd_du(args: argparse.Namespace) -> int:
         print(f"{human_bytes(v['bytes']):>10}  {v['checkpoints']:>4} checkpoints  {g}")
     print(
         f"total {human_bytes(u.total_bytes)} in {u.objects} objects: {u.committed} committed checkpoints "
-        f"{human_bytes(u.committed_bytes)}, uncommitted/other {human_bytes(u.uncommitted_bytes)}"
+        f"{human_bytes(u.committed_bytes)}, uncommitted/other {human_bytes(u.uncommitted_bytes)} "
+        f"(half-written temp dirs {human_bytes(u.temp_bytes)})"
     )
     return 0
 
@@ -371,7 +440,7 @@ def add_checkpoint_commands(subparsers: Any) -> argparse.ArgumentParser:
     ls.set_defaults(func=_cmd_list)
 
     pr = sub.add_parser(
-        "prune", help="delete checkpoints no policy keeps (latest per run and champion always kept)"
+        "prune", help="delete checkpoints no policy keeps (an unfinished run's resume point and the champion always kept)"
     )
     common(pr)
     pr.add_argument("--keep-last", type=int, help="keep the N newest")
@@ -382,7 +451,7 @@ def add_checkpoint_commands(subparsers: Any) -> argparse.ArgumentParser:
     )
     pr.add_argument("--ttl", type=parse_duration, help="keep checkpoints younger than this (7d, 12h ...)")
     pr.add_argument("--partial-older-than", type=parse_duration,
-                    help="also delete uncommitted upload leftovers older than this")  # fmt: skip
+                    help="also delete half-written leftovers older than this (temp dirs of killed writes, interrupted uploads)")  # fmt: skip
     pr.add_argument("--protect", action="append", default=[], help="never delete this checkpoint URI/prefix")
     pr.add_argument(
         "--champion-model", help="protect this registered model's champion (MLflow, $MLFLOW_TRACKING_URI)"

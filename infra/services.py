@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infra.config import BadInputError
 from infra.s3_server import HOST, SeaweedS3Server, free_ports, pid_alive, pid_cmdline, stop_pid
 
 SERVICES = ("s3", "mlflow", "prefect")
@@ -228,7 +229,7 @@ def up(
             state / "prefect-home", state / "prefect.log", port=_port(port, DEFAULT_PORTS["prefect"])
         )
     else:
-        raise ValueError(f"unknown service {name!r}; choose from {', '.join(SERVICES)}")
+        raise BadInputError(f"unknown service {name!r}; choose from {', '.join(SERVICES)}")
     save_record(state, rec)
     return rec
 

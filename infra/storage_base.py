@@ -20,6 +20,10 @@ from typing import Any
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "tuneloop.checkpoint.manifest/v1"
+# Written before an upload's first file and removed after its manifest: a prefix holding it but no manifest is
+# an interrupted upload, the only kind of uncommitted object retention may delete (a run's summary.json,
+# report/ ... are never mistaken for one).
+UPLOAD_MARKER = "UPLOADING.json"
 _HASH_CHUNK = 1 << 20
 
 
@@ -210,6 +214,18 @@ class Storage(ABC):
     def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
         """Write only if the key does not exist yet (atomic where the backend allows); False if it existed."""
 
+    def list_temp(self, prefix: str = "") -> list[ObjectInfo]:
+        """Hidden temp files/dirs a killed local writer left (key, total bytes, newest mtime); `list` skips them.
+
+        Object stores have none: an S3 object appears whole or not at all (abandoned multipart uploads are
+        the bucket lifecycle rule AbortIncompleteMultipartUpload's job).
+        """
+        return []
+
+    def delete_temp(self, key: str) -> None:
+        """Delete one entry of `list_temp` (a whole temp dir)."""
+        raise StorageError(f"{self.uri(key)}: this storage has no temp entries")
+
     def delete_prefix(self, prefix: str) -> int:
         """Delete everything under the directory `prefix` ('a/b' never touches 'a/bc'); returns the count."""
         objs = self.list(dir_prefix(prefix))
@@ -241,6 +257,8 @@ class Storage(ABC):
         """
         prefix = norm_key(prefix)
         manifest = manifest_for_dir(local_dir, metadata)
+        if UPLOAD_MARKER in manifest.files:
+            raise ValueError(f"{local_dir}: a file named {UPLOAD_MARKER} would collide with the upload marker")
         if self.is_committed(prefix):
             return self._existing_or_refuse(prefix, manifest)
         # Leftovers of an earlier interrupted attempt that the new manifest won't list: remove them so
@@ -248,11 +266,15 @@ class Storage(ABC):
         for obj in self.list(dir_prefix(prefix)):
             if obj.key[len(prefix) + 1 :] not in manifest.files:
                 self.delete(obj.key)
+        marker = join_key(prefix, UPLOAD_MARKER)
+        self.put_bytes(marker, json.dumps({"started_at": time.time()}).encode())
         root = Path(local_dir)
         for rel in manifest.files:
             self.put_file(join_key(prefix, rel), root / rel)
         self._check_uploaded_sizes(prefix, manifest)
-        if not self.put_bytes_if_absent(join_key(prefix, MANIFEST_NAME), manifest.to_json()):
+        committed = self.put_bytes_if_absent(join_key(prefix, MANIFEST_NAME), manifest.to_json())
+        self.delete(marker)  # a kill right before this leaves a stray marker inside a committed checkpoint: harmless
+        if not committed:
             # Someone (or our own retried PUT whose response was lost) committed first.
             return self._existing_or_refuse(prefix, manifest)
         return manifest

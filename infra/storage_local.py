@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -10,10 +12,28 @@ from pathlib import Path
 from infra.storage_base import ObjectInfo, ObjectNotFoundError, Storage, StorageError, norm_key
 
 _TMP_MARK = ".tmp-"
+# Hidden names of half-written things: this module's file writes and training_core's checkpoint dirs
+# (`.step-000004.tmp-1a2b3c4d`), download staging (`.init.partial-x1y2`). Never listed as objects.
+_TEMP_RE = re.compile(r"^\..+\.(tmp|partial)-[A-Za-z0-9_]+$")
 
 
 def _is_temp(name: str) -> bool:
-    return name.startswith(".") and _TMP_MARK in name
+    return _TEMP_RE.match(name) is not None
+
+
+def _tree_size_mtime(path: Path) -> tuple[int, float]:
+    """Total bytes and newest mtime of a file or a directory tree (the dir's own mtime included)."""
+    if not path.is_dir():
+        st = path.stat()
+        return st.st_size, st.st_mtime
+    size, mtime = 0, path.stat().st_mtime
+    for dirpath, _, filenames in os.walk(path):
+        mtime = max(mtime, os.stat(dirpath).st_mtime)
+        for name in filenames:
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(Path(dirpath) / name)
+                size, mtime = size + st.st_size, max(mtime, st.st_mtime)
+    return size, mtime
 
 
 class LocalStorage(Storage):
@@ -112,6 +132,36 @@ class LocalStorage(Storage):
                     out.append(ObjectInfo(key=key, size=st.st_size, mtime=st.st_mtime))
         return sorted(out, key=lambda o: o.key)
 
+    def list_temp(self, prefix: str = "") -> list[ObjectInfo]:
+        prefix = prefix.replace("\\", "/").lstrip("/")
+        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        if not base.is_dir():
+            return []
+        out: list[ObjectInfo] = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            temps = [d for d in dirnames if _is_temp(d)] + [f for f in filenames if _is_temp(f)]
+            dirnames[:] = [d for d in dirnames if not _is_temp(d)]  # a temp dir is one entry, not walked
+            for name in temps:
+                full = Path(dirpath) / name
+                key = full.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    try:
+                        size, mtime = _tree_size_mtime(full)
+                    except FileNotFoundError:  # its writer finished (renamed it) while we looked
+                        continue
+                    out.append(ObjectInfo(key=key, size=size, mtime=mtime))
+        return sorted(out, key=lambda o: o.key)
+
+    def delete_temp(self, key: str) -> None:
+        path = self._path(key)
+        if not _is_temp(path.name):
+            raise StorageError(f"{self.uri(key)} is not a temp entry; refusing to delete it as one")
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        self._drop_empty_parents(path)
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         try:
@@ -120,6 +170,9 @@ class LocalStorage(Storage):
             return
         except IsADirectoryError as exc:
             raise StorageError(f"{self.uri(key)} is a directory, not an object") from exc
+        self._drop_empty_parents(path)
+
+    def _drop_empty_parents(self, path: Path) -> None:
         # Drop now-empty parent directories so deleted checkpoints leave no skeleton behind.
         parent = path.parent
         while parent != self.root and parent.is_relative_to(self.root):

@@ -2,18 +2,27 @@
 
 Default store: `sqlite:///.tuneloop/mlflow.db` (embedded, no server). Point `tracking_uri` at
 `http://host:5000` for a tracking server.
+
+Resume: a run started with a `key` (the pipeline: its run directory) is continued, not duplicated, when the
+pipeline runs again after a kill: the killed process's MLflow run (left RUNNING) and its nested stage runs are
+reopened, so a resumed training logs into the same loss curve. Steps between the resume checkpoint and the kill
+are logged twice; the later value (the one the final model went through) is the last of that step.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 DEFAULT_DB = ".tuneloop/mlflow.db"
+RUN_KEY_TAG = "tuneloop.run_key"
+RESUMED_TAG = "tuneloop.resumed"  # how many times the run was continued after its process died
+_KEY_RE = re.compile(r"[A-Za-z0-9._-]+")  # goes into a filter string unquoted-safe
 
 
 def default_tracking_uri() -> str:
@@ -47,19 +56,68 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-@contextmanager
-def run(name: str, nested: bool = False, tags: dict[str, str] | None = None) -> Iterator[Any]:
+def find_resumable(key: str, parent_run_id: str | None) -> str | None:
+    """The newest run of the active experiment with this key and parent that should be continued: a top-level
+    run unless it FINISHED (then a new one starts), a nested run whatever its status (its parent is being
+    continued, so its stage is being re-run)."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
-    with mlflow.start_run(run_name=name, nested=nested, tags=tags or {}) as r:
+    exp = mlflow.tracking.fluent._get_experiment_id()
+    query = f"tags.`{RUN_KEY_TAG}` = '{key}'"
+    if parent_run_id is not None:  # in the filter: a stage key ("train") is shared by every pipeline run
+        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    runs = MlflowClient().search_runs([exp], query, order_by=["attributes.start_time DESC"])
+    for r in runs:
+        if r.data.tags.get("mlflow.parentRunId") != parent_run_id:
+            continue
+        if parent_run_id is None and r.info.status == "FINISHED":
+            return None
+        return r.info.run_id
+    return None
+
+
+@contextmanager
+def run(name: str, nested: bool = False, tags: dict[str, str] | None = None, key: str | None = None
+        ) -> Iterator[Any]:
+    """Start an MLflow run, or continue the unfinished one with the same `key` (see the module docstring)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    tags = dict(tags or {})
+    resume_id = None
+    if key is not None:
+        if not _KEY_RE.fullmatch(key):
+            raise ValueError(f"tracking key {key!r}: use letters, digits, '.', '_', '-'")
+        tags[RUN_KEY_TAG] = key
+        parent = mlflow.active_run() if nested else None
+        resume_id = find_resumable(key, parent.info.run_id if parent else None)
+    if resume_id is None:
+        with mlflow.start_run(run_name=name, nested=nested, tags=tags) as r:
+            yield r
+        return
+    before = MlflowClient().get_run(resume_id)
+    tags[RESUMED_TAG] = str(int(before.data.tags.get(RESUMED_TAG, "0")) + 1)
+    with mlflow.start_run(run_id=resume_id, nested=nested, tags=tags) as r:
         yield r
 
 
 def log_params(params: dict[str, Any]) -> None:
+    """Log params to the active run. A continued run already has params: equal ones are skipped, a changed one
+    is refused (MLflow would fail on it anyway, less clearly) because one run records one configuration."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     flat = flatten(params)
-    items = list(flat.items())
+    have = MlflowClient().get_run(mlflow.active_run().info.run_id).data.params
+    changed = {k: (have[k], v) for k, v in flat.items() if k in have and have[k] != v}
+    if changed:
+        what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())[:5])
+        from infra.config import BadInputError
+
+        raise BadInputError(f"MLflow run {mlflow.active_run().info.run_id} being resumed was started with "
+                            f"another config ({what}): resume with the original settings, or start a new run")
+    items = [(k, v) for k, v in flat.items() if k not in have]
     for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
         mlflow.log_params(dict(items[i : i + 100]))
 

@@ -54,7 +54,9 @@ def evaluate_model(cfg: PipelineConfig, benchmarks: list[Any], checkpoint: str |
     bars: dict[str, Any] = {}
 
     def progress(bench: str, done: int, total: int) -> None:
-        bar = bars.get(bench) or bars.setdefault(bench, tqdm(total=total, desc=f"eval {name}/{bench}",
+        # initial=done: results already stored (or the first batch) are not counted as instant progress,
+        # which showed rates of millions of it/s
+        bar = bars.get(bench) or bars.setdefault(bench, tqdm(total=total, initial=done, desc=f"eval {name}/{bench}",
                                                              dynamic_ncols=True))
         bar.n = done
         bar.refresh()

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from flows.sft_config import DataConfig
+from infra.config import BadInputError
 from training_core.checkpoint import CheckpointError, verify_checkpoint, write_checkpoint
 
 log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant", "tool")
 
 
-class DataValidationError(ValueError):
+class DataValidationError(BadInputError):
     """A dataset row is malformed; the message names the file, line and field."""
 
 
@@ -62,24 +63,50 @@ def validate_row(row: Any, path: str, line: int, need_answer: bool) -> dict[str,
     return row
 
 
-def read_chat_jsonl(path: str | Path, need_answer: bool = False) -> list[dict[str, Any]]:
-    """Read and validate every row before returning (so nothing downstream sees a bad file)."""
-    p = Path(path)
-    if not p.is_file():
+def _decode_lines(p: Path) -> list[tuple[int, str]]:
+    """(line number, text) of every line: UTF-8 with an optional BOM, LF or CRLF; other bytes name their line."""
+    if p.is_dir():
+        raise DataValidationError(f"{p}: is a directory, not a JSONL file")
+    if not p.exists():
         raise DataValidationError(f"{p}: file not found")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise DataValidationError(f"{p}: cannot read: {e.strerror}") from None
+    out = []
+    for lineno, chunk in enumerate(raw.split(b"\n"), 1):
+        if lineno == 1 and chunk.startswith(b"\xef\xbb\xbf"):
+            chunk = chunk[3:]  # a UTF-8 BOM is legitimate (some editors write one)
+        try:
+            text = chunk.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataValidationError(f"{p}:{lineno}: not UTF-8 text (byte 0x{chunk[e.start]:02x} at byte "
+                                      f"{e.start + 1} of the line); re-save the file as UTF-8") from None
+        out.append((lineno, text.removesuffix("\r")))  # CRLF line endings are legitimate too
+    return out
+
+
+def read_chat_jsonl_lines(path: str | Path, need_answer: bool = False) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) of every row, all validated before returning (nothing downstream sees a bad file)."""
+    p = Path(path)
     rows = []
-    with open(p, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataValidationError(f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
-            rows.append(validate_row(row, str(p), lineno, need_answer))
+    for lineno, line in _decode_lines(p):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            # colno counts characters of this line (1-based), as an editor shows them
+            raise DataValidationError(f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        rows.append((lineno, validate_row(row, str(p), lineno, need_answer)))
     if not rows:
         raise DataValidationError(f"{p}: no rows")
     return rows
+
+
+def read_chat_jsonl(path: str | Path, need_answer: bool = False) -> list[dict[str, Any]]:
+    """Read and validate every row before returning (so nothing downstream sees a bad file)."""
+    return [row for _, row in read_chat_jsonl_lines(path, need_answer)]
 
 
 def _file_hash(path: str) -> str:
@@ -121,6 +148,10 @@ def resolve_replay(cfg: DataConfig, base_model: str) -> DataConfig:
 
 def replay_rows(cfg: DataConfig, n_task: int) -> list[dict[str, Any]]:
     """Replay rows making up `replay_fraction` of a training set that has `n_task` task rows."""
+    return [r for r, _ in _replay_with_sources(cfg, n_task)]
+
+
+def _replay_with_sources(cfg: DataConfig, n_task: int) -> list[tuple[dict[str, Any], str]]:
     if not cfg.replay or cfg.replay == "auto" or n_task == 0:
         return []
     if not 0.0 <= cfg.replay_fraction < 1.0:
@@ -131,10 +162,12 @@ def replay_rows(cfg: DataConfig, n_task: int) -> list[dict[str, Any]]:
     if cfg.replay == "builtin:prose":
         from data.generators import prose
 
-        return [dict(r) for r in prose(n, seed=cfg.seed)]
+        return [(dict(r), f"{cfg.replay} row {i + 1}") for i, r in enumerate(prose(n, seed=cfg.seed))]
     if cfg.replay.startswith("builtin:"):
         raise DataValidationError(f"data.replay: unknown built-in {cfg.replay!r} (known: builtin:prose)")
-    pool = _with_ids(read_chat_jsonl(_replay_file(cfg)))
+    path = _replay_file(cfg)
+    lines = read_chat_jsonl_lines(path)
+    pool = list(zip(_with_ids([r for _, r in lines]), [f"{path}:{n}" for n, _ in lines], strict=True))
     if len(pool) < n:
         log.warning("data.replay %s has %d rows, fewer than the %d asked for: using all of them", cfg.replay,
                     len(pool), n)
@@ -142,22 +175,46 @@ def replay_rows(cfg: DataConfig, n_task: int) -> list[dict[str, Any]]:
     return random.Random(f"replay/{cfg.seed}").sample(pool, n)
 
 
-def build_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+Sourced = tuple[list[dict[str, Any]], list[str]]
+
+
+def build_rows_with_sources(cfg: DataConfig, require_eval: bool = True) -> tuple[Sourced, Sourced]:
+    """(train rows, their sources), (eval rows, their sources): a source is "file:line" or "generated row N",
+    so a problem found in the shuffled, replay-mixed set is reported where the user can fix it.
+    `require_eval=False` (`tuneloop data validate` of a training file alone) allows an empty eval side."""
     if cfg.train_file:
-        train = _with_ids(read_chat_jsonl(cfg.train_file))
-        if not cfg.eval_file:
+        if not cfg.eval_file and require_eval:
             raise DataValidationError("data.train_file is set but data.eval_file is not: give a held-out eval set")
-        evl = _with_ids(read_chat_jsonl(cfg.eval_file, need_answer=True))
+        tl = read_chat_jsonl_lines(cfg.train_file)
+        train, t_src = _with_ids([r for _, r in tl]), [f"{cfg.train_file}:{n}" for n, _ in tl]
+        el = read_chat_jsonl_lines(cfg.eval_file, need_answer=True) if cfg.eval_file else []
+        evl, e_src = _with_ids([r for _, r in el]), [f"{cfg.eval_file}:{n}" for n, _ in el]
     else:
         from data.generators import train_eval
 
         gen_train, gen_eval = train_eval(cfg.task, cfg.n_train, cfg.n_eval, seed=cfg.seed, **cfg.task_kwargs)
         train, evl = [dict(r) for r in gen_train], [dict(r) for r in gen_eval]
-    replay = replay_rows(cfg, len(train))
+        t_src = [f"generated train row {i + 1}" for i in range(len(train))]
+        e_src = [f"generated eval row {i + 1}" for i in range(len(evl))]
+    replay = _replay_with_sources(cfg, len(train))
     if replay:  # interleaved at seeded random positions, so every batch sees some
-        train = train + replay
-        random.Random(f"mix/{cfg.seed}").shuffle(train)
+        mixed = list(zip(train, t_src, strict=True)) + replay
+        random.Random(f"mix/{cfg.seed}").shuffle(mixed)
+        train, t_src = [r for r, _ in mixed], [s for _, s in mixed]
+    return (train, t_src), (evl, e_src)
+
+
+def build_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    (train, _), (evl, _) = build_rows_with_sources(cfg)
     return train, evl
+
+
+def leaked_rows(train: list[dict[str, Any]], evl: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """(eval index, train index) of every eval row that is also a training row (same id)."""
+    first = {}
+    for i, r in enumerate(train):
+        first.setdefault(r["id"], i)
+    return [(j, first[r["id"]]) for j, r in enumerate(evl) if r["id"] in first]
 
 
 def _write_jsonl(rows: list[dict[str, Any]]) -> Any:
@@ -180,10 +237,10 @@ def prepare_dataset(cfg: DataConfig, cache_root: str | Path) -> DatasetInfo:
             log.warning("dataset cache entry %s is not usable (%s); recomputing", d, e)
             shutil.rmtree(d)
     train, evl = build_rows(cfg)  # validates everything before anything is written
-    ids = {r["id"] for r in train}
-    leaked = [r["id"] for r in evl if r["id"] in ids]
+    leaked = leaked_rows(train, evl)
     if leaked:
-        raise DataValidationError(f"{len(leaked)} eval rows also appear in the training set (e.g. id {leaked[0]})")
+        raise DataValidationError(f"{len(leaked)} eval rows also appear in the training set (e.g. id "
+                                  f"{evl[leaked[0][0]]['id']})")
     write_checkpoint(d, {"train.jsonl": _write_jsonl(train), "eval.jsonl": _write_jsonl(evl)},
                      {"n_train": len(train), "n_eval": len(evl), "config": asdict(cfg)})
     log.info("prepared dataset %s: %d train / %d eval rows", d, len(train), len(evl))

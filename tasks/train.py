@@ -7,6 +7,7 @@ uninterrupted run's (batches are a pure function of (seed, step)).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -19,8 +20,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from flows.sft_config import PipelineConfig
+from infra.config import BadInputError
 from training_core import TrainingClient, types
-from training_core.checkpoint import is_committed
+from training_core.checkpoint import CheckpointError, is_committed, verify_checkpoint
 from training_core.renderers import (
     TrainOnWhat,
     datum_from_tokens_weights,
@@ -41,6 +43,8 @@ class TrainResult:
     eval_loss_before: float | None = None
     eval_loss_after: float | None = None
     metrics_path: str = ""
+    # the whole run's train-loss curve: `losses` holds only the steps this attempt ran (after `resumed_from`)
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
 
 
 def read_rows(path: str) -> list[dict[str, Any]]:
@@ -52,8 +56,10 @@ def build_datums(rows: list[dict[str, Any]], tokenizer: Any, renderer_name: str,
     renderer = get_renderer(renderer_name, tokenizer)
     examples = [renderer.build_supervised_example(r["messages"], TrainOnWhat(train_on_what)) for r in rows]
     too_long = [r["id"] for r, (t, _) in zip(rows, examples, strict=True) if len(t) > max_length]
-    if too_long:
-        raise ValueError(f"{len(too_long)} examples exceed data.max_length={max_length} tokens (e.g. id "
+    if too_long:  # bad input (flows.preflight reports it at file:line first): never retried
+        from tasks.prepare_data import DataValidationError
+
+        raise DataValidationError(f"{len(too_long)} examples exceed data.max_length={max_length} tokens (e.g. id "
                          f"{too_long[0]}); raise max_length or shorten them: truncation would drop the EOS")
     eos = renderer.get_end_of_turn_sequences() if hasattr(renderer, "get_end_of_turn_sequences") \
         else renderer.get_stop_sequences()
@@ -61,14 +67,23 @@ def build_datums(rows: list[dict[str, Any]], tokenizer: Any, renderer_name: str,
     return [datum_from_tokens_weights(t, w) for t, w in examples]
 
 
+@functools.lru_cache(maxsize=2)  # the current epoch and, for a batch that straddles the boundary, the next
+def _epoch_permutation(seed: int, epoch: int, n: int) -> tuple[int, ...]:
+    perm = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+    return tuple(perm)
+
+
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
-    """Indices of batch `step`: epoch-wise seeded permutations, a pure function of its arguments."""
+    """Indices of batch `step`: epoch-wise seeded permutations, a pure function of its arguments.
+
+    One permutation per epoch, built once and cached (O(n) per epoch, O(batch) per step); a resumed run
+    rebuilds the same permutation from (seed, epoch), so it sees the batches of an uninterrupted one.
+    """
     out = []
     for k in range(step * batch_size, (step + 1) * batch_size):
         epoch, pos = divmod(k, n)
-        perm = list(range(n))
-        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
-        out.append(perm[pos])
+        out.append(_epoch_permutation(seed, epoch, n)[pos])
     return out
 
 
@@ -81,12 +96,71 @@ def lr_at(step: int, cfg: PipelineConfig) -> float:
 
 
 def latest_checkpoint(ckpt_root: Path) -> tuple[int, str] | None:
-    best: tuple[int, str] | None = None
+    """The newest committed `step-N` checkpoint whose files match their manifest.
+
+    A corrupt one (bit rot, a truncated copy) is skipped with a warning naming it, so a resume falls back to
+    the newest valid checkpoint instead of failing every retry on the same file.
+    """
+    found = []
     for p in ckpt_root.glob("*/weights/step-*"):
         m = _STEP_RE.search(p.name)
-        if m and is_committed(p) and (best is None or int(m.group(1)) > best[0]):
-            best = (int(m.group(1)), str(p))
-    return best
+        if m and is_committed(p):
+            found.append((int(m.group(1)), str(p)))
+    for step, path in sorted(found, reverse=True):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            log.warning("checkpoint %s is corrupt (%s); falling back to an older checkpoint", path, e)
+            continue
+        return step, path
+    return None
+
+
+_LORA_FIELDS = ("rank", "train_attn", "train_mlp", "train_unembed")
+
+
+def checkpoint_model_values(path: str) -> dict[str, Any]:
+    """The `model.*` values a checkpoint was trained with: a client built from it takes these, not the config's."""
+    from training_core.state import read_trainer_state
+
+    st = read_trainer_state(path)
+    lora = st.get("lora")
+    if lora is None:
+        raise BadInputError(f"{path} is a full fine-tuning checkpoint; this pipeline trains LoRA adapters")
+    return {"base_model": st["base_model"], "base_model_path": st.get("base_model_path"),
+            **{k: lora[k] for k in _LORA_FIELDS}, "lora_alpha": float(lora.get("alpha") or lora["rank"])}
+
+
+def model_mismatches(path: str, model: Any) -> dict[str, tuple[Any, Any]]:
+    """`model.*` field -> (checkpoint value, config value) wherever they differ (alpha None means rank)."""
+    ck = checkpoint_model_values(path)
+    out = {k: (ck[k], getattr(model, k)) for k in _LORA_FIELDS if ck[k] != getattr(model, k)}
+    if ck["lora_alpha"] != float(model.lora_alpha or model.rank):
+        out["lora_alpha"] = (ck["lora_alpha"], model.lora_alpha)
+    if ck["base_model"] != model.base_model:
+        from training_core.model_loading import resolve
+
+        if ck["base_model_path"] != resolve(model.base_model):  # a preset name vs its cached dir is no change
+            out["base_model"] = (ck["base_model"], model.base_model)
+    return out
+
+
+def _describe(diffs: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"model.{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in diffs.items())
+
+
+def adopt_init_from(cfg: PipelineConfig, run_dir: Path) -> dict[str, tuple[Any, Any]]:
+    """Set `cfg.model` to what training from `cfg.init_from` really uses (the checkpoint's base model and
+    LoRA shape), so that the config logged to MLflow is the effective one. Returns what changed."""
+    if not cfg.init_from:
+        return {}
+    diffs = model_mismatches(_local_checkpoint(cfg.init_from, run_dir / "init"), cfg.model)
+    for k, (ck_value, _) in diffs.items():
+        setattr(cfg.model, k, ck_value)
+    if diffs:
+        log.warning("init_from %s: training uses the checkpoint's values, not the config's (%s)", cfg.init_from,
+                    _describe(diffs))
+    return diffs
 
 
 def _local_checkpoint(uri: str, dest: Path) -> str:
@@ -137,6 +211,8 @@ def _train(cfg: PipelineConfig, service: Any, train_path: str, eval_path: str, c
     m = cfg.model
     if latest is None and cfg.init_from:
         src = _local_checkpoint(cfg.init_from, run_dir / "init")
+        if diffs := model_mismatches(src, m):  # callers that log the config call adopt_init_from first
+            log.warning("init_from %s: training uses the checkpoint's values (%s)", cfg.init_from, _describe(diffs))
         log.info("starting from %s (weights only, fresh optimizer)", cfg.init_from)
         tc = service.create_training_client_from_state(src)
         start = 0
@@ -147,6 +223,9 @@ def _train(cfg: PipelineConfig, service: Any, train_path: str, eval_path: str, c
         start = 0
     else:
         start, path = latest
+        if diffs := model_mismatches(path, m):  # a resume continues the same run: it cannot change the model
+            raise BadInputError(f"cannot resume from {path}: it does not match the config ({_describe(diffs)}); "
+                             f"use the run's original model settings or start a new run")
         log.info("resuming from %s (step %d)", path, start)
         tc = service.create_training_client_from_state_with_optimizer(path)
         assert tc.step == start, f"checkpoint step {tc.step} != name step {start}"
@@ -192,6 +271,7 @@ def _train(cfg: PipelineConfig, service: Any, train_path: str, eval_path: str, c
     if every and end == t.steps:
         periodic(end, tc)  # type: ignore[misc]
     bar.close()
+    res.loss_history = [(r["step"], r["train_loss"]) for r in history if "train_loss" in r]
     if end < t.steps:  # interrupted on purpose: leave the newest checkpoint as is
         _write_history(metrics_path, history)
         return res

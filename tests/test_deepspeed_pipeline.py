@@ -28,10 +28,16 @@ def test_deepspeed_train_task_resumed_locally_equals_local_run(tmp_path: Path):
     done = train_sft(local_cfg, data.train_path, data.eval_path, run)  # the retry, on the local backend
     assert done.resumed_from == 2 and [s for s, _ in done.losses] == [3, 4]
     ref = train_sft(local_cfg, data.train_path, data.eval_path, tmp_path / "ref")
+    # Measured (2 ZeRO-2 ranks then local, vs local; ZeRO-3 alike): loss relative difference <= 2.7e-7.
     for (s1, l1), (s2, l2) in zip(part.losses + done.losses, ref.losses, strict=True):
-        assert s1 == s2 and abs(l1 - l2) <= 1e-5 * abs(l2), (s1, l1, l2)
+        assert s1 == s2 and abs(l1 - l2) <= 1e-6 * abs(l2), (s1, l1, l2)
     a = load_file(Path(done.checkpoint) / "adapter_model.safetensors")
     b = load_file(Path(ref.checkpoint) / "adapter_model.safetensors")
-    for k in a:  # fp32 reduction order differs across ranks; Adam can move a roundoff-level coordinate by ~lr
-        torch.testing.assert_close(a[k], b[k], atol=2 * 2e-3 * 4, rtol=0)
-        assert (a[k] - b[k]).abs().gt(1e-5).float().mean() < 1e-3
+    # fp32 reduction order differs across ranks. Measured over the 147,968 adapter coordinates: all but one
+    # within 4.8e-6; that one (a gradient at roundoff level, whose sign the order decides) off by 5.1e-4
+    # (8.9e-4 under ZeRO-3). Adam's normalised step moves such a coordinate by up to ~lr per step, so the
+    # outliers are bounded by the peak lr (2e-3) and allowed to be a handful; everything else by 1e-5.
+    lr = local_cfg.train.learning_rate
+    diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in sorted(a)])
+    assert a.keys() == b.keys() and diffs.max() <= lr, diffs.max()
+    assert int(diffs.gt(1e-5).sum()) <= 4, int(diffs.gt(1e-5).sum())

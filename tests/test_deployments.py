@@ -318,13 +318,15 @@ def test_scheduled_retrain_trains_new_drop_from_champion_then_skips(stack: dict[
 
     out = scheduled_retrain(cfg, data_uri, settle_s=600)
     assert (out.status, out.drop_id, out.init_from, out.champion_before) == ("trained", "d2", champ_uri, v1)
+    # gated against the champion it started from, not the raw base
+    assert out.compared_against == f"champion v{v1}"
     # MLflow: a new version tagged with the drop, its run recorded init_from = the champion's checkpoint
     mv = client.get_model_version(model, out.model_version)
     assert int(out.model_version) == int(v1) + 1
     assert mv.tags[TAG_DROP_ID] == "d2" and mv.tags[TAG_DROP_URI] == f"file://{tmp_path}/data/d2"
     run = client.get_run(out.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.params["init_from"] == champ_uri
-    assert run.data.tags[TAG_DROP_ID] == "d2"
+    assert run.data.tags[TAG_DROP_ID] == "d2" and run.data.tags["compared_against"] == f"champion v{v1}"
     # it trained on d2's rows (byte-identical copy) starting from the champion's rank-4 adapter
     run_dir = Path(cfg["run_root"]) / out.run_name
     assert (run_dir / "data" / "train.jsonl").read_bytes() == (src / "train-2.jsonl").read_bytes()
@@ -399,3 +401,4 @@ def test_push_runs_served_data_deployment(stack: dict[str, Any], tmp_path: Path,
     assert run.info.status == "FINISHED" and run.data.tags["verdict"]
     assert run.data.params["data.train_file"].endswith("/data/train.jsonl")
     assert run.data.params["init_from"] == ""  # no champion yet: a fresh adapter
+    assert run.data.tags["compared_against"] == "base"  # and the gate's baseline is the base model

@@ -101,8 +101,6 @@ def _reference_grads(tc, data, name, cfg) -> tuple[float, list[torch.Tensor], di
 @pytest.mark.parametrize("name,cfg", LOSSES)
 def test_loss_and_gradients_match_reference(tc, name, cfg):
     data = make_batch(tc._engine.base.vocab_size)
-    if name == "dro":
-        pass  # dro honours `weights` as a mask (documented), the reference applies it too
     ref_loss, ref_lps, ref_g = reference_grads(tc, data, name, cfg)
     out = tc.forward_backward(data, name, cfg).result()
     got = grads_of(tc)
@@ -116,6 +114,16 @@ def test_loss_and_gradients_match_reference(tc, name, cfg):
         torch.testing.assert_close(got[k], ref_g[k], atol=1e-6, rtol=1e-4)
         nonzero += int(ref_g[k].abs().sum() > 0)
     assert nonzero == len(ref_g), "every LoRA matrix should receive gradient"
+    if name in ("cross_entropy", "dro"):
+        # these two honour `weights` as a mask (documented; the reference applies it): the batch's masked
+        # tokens must change the loss, and leaving `weights` out must mean all ones
+        ones, unweighted = ([types.Datum(model_input=d.model_input, loss_fn_inputs={
+            **{k: v for k, v in d.loss_fn_inputs.items() if k != "weights"},
+            **({"weights": torch.ones(d.model_input.length)} if with_ones else {})}) for d in data]
+            for with_ones in (True, False))
+        loss_ones = tc.forward(ones, name, cfg).result().metrics["loss:sum"]
+        assert tc.forward(unweighted, name, cfg).result().metrics["loss:sum"] == pytest.approx(loss_ones, rel=1e-6)
+        assert abs(loss_ones - ref_loss) > 1e-3 * abs(ref_loss), "the weights mask must change the loss"
 
 
 def test_forward_is_forward_backward_without_gradients(tc):

@@ -97,13 +97,68 @@ def test_protocol_mismatch_and_unknown_checkpoint(tmp_path: Path, factory: None,
     assert run(["eval", b, "--results-dir", res, "--suite", str(suite)]) == 0
     store = ResultStore(res)
     capsys.readouterr()
-    code = run(["compare", str(store.checkpoint_dir(a)), str(store.checkpoint_dir(b))])
+    code = run(["compare", str(store.checkpoint_dir(a)), str(store.checkpoint_dir(b)), "--no-gate"])
     err = capsys.readouterr().err
     assert code == 2 and "protocols differ" in err and "system_prompt" in err
-    assert run(["compare", str(store.checkpoint_dir(a)), str(store.checkpoint_dir(b)), "--allow-protocol-mismatch"]) == 0
+    assert run(["compare", str(store.checkpoint_dir(a)), str(store.checkpoint_dir(b)), "--allow-protocol-mismatch",
+                "--no-gate"]) == 0
     cli.set_generator_factory(None)
-    assert run(["compare", "nope-a", "nope-b", "--results-dir", res]) == 2
+    assert run(["compare", "nope-a", "nope-b", "--results-dir", res, "--no-gate"]) == 2
     assert "no generator factory registered" in capsys.readouterr().err
+
+
+def test_compare_refuses_to_gate_without_a_policy(tmp_path: Path, factory: None,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    res = str(tmp_path / "results")
+    a = checkpoint(tmp_path, "base", {"arithmetic": 0.4, "mc": 0.9})
+    b = checkpoint(tmp_path, "forgot", {"arithmetic": 0.9, "mc": 0.5})
+    # No --gate, a suite without a gate, no pipeline run: passing "vacuously" with exit 0 read as a release
+    # decision. Refused before anything is evaluated.
+    assert run(["compare", a, b, "--results-dir", res, *COMMON]) == 2
+    assert "no gate policy" in capsys.readouterr().err and not Path(res).exists()
+    assert run(["compare", a, b, "--results-dir", res, "--no-gate", *COMMON]) == 0  # explicitly ungated
+    out = capsys.readouterr().out
+    assert "GATE: NONE" in out and "PASSED" not in out and "REGRESSED" in out
+    # A suite's own gate is used.
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"benchmarks:\n  - builtin: arithmetic\n    n: {N}\n  - builtin: mc\n    n: {N}\n"
+                     "gate: {targets: [arithmetic], guards: [mc], guard_margin: 0.05}\n")
+    assert run(["compare", a, b, "--results-dir", res, "--suite", str(suite)]) == 1
+    assert "FAIL guard mc" in capsys.readouterr().out
+
+
+def test_compare_of_pipeline_runs_applies_their_recorded_gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`runs:/` references: the gate the pipeline recorded (comparison.json) decides, not an empty default."""
+    import dataclasses
+
+    from mlflow import MlflowClient
+
+    from evals.compare import GatePolicy
+    from evals.runner import evaluate
+
+    benches = default_suite(["arithmetic", "mc"], n=N).benchmarks
+    store = tmp_path / "eval"
+    for name, acc in (("base", {"arithmetic": 0.4, "mc": 0.9}), ("trained", {"arithmetic": 0.9, "mc": 0.5})):
+        evaluate(OracleGenerator(name, benches, acc), benches, default_suite().protocol, store, checkpoint=name)
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    client = MlflowClient(tracking_uri=tracking)
+    exp = client.create_experiment("runs", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp).info.run_id
+    nested = client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id  # like the "evaluate" run
+    client.log_artifacts(nested, str(store), "eval")
+    recorded = GatePolicy(targets=["arithmetic"], guards=["mc"], guard_margin=0.05, min_effect=0.05)
+    client.log_dict(parent, {"policy": dataclasses.asdict(recorded)}, "comparison.json")
+    for ref in (parent, nested):
+        assert run(["compare", f"runs:/{ref}/base", f"runs:/{ref}", "--json"]) == 1
+        out = json.loads(capsys.readouterr().out)
+        assert out["policy"] == dataclasses.asdict(recorded) and out["gated"] is True
+        assert not out["gate"]["passed"] and out["gate"]["failures"][0].startswith("guard mc")
+    # --gate still overrides the recorded one
+    gate = tmp_path / "gate.yaml"
+    gate.write_text("targets: [arithmetic]\n")
+    assert run(["compare", f"runs:/{parent}/base", f"runs:/{parent}", "--gate", str(gate)]) == 0
 
 
 def test_suite_yaml_errors_are_named(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ from statsmodels.stats.multitest import multipletests
 from evals.builtin import builtin_benchmark
 from evals.compare import GatePolicy, compare, format_verdict_table
 from evals.protocols import EvalProtocol, ProtocolMismatchError
-from evals.runner import EvalResult, evaluate
+from evals.runner import BenchmarkResult, EvalResult, evaluate
+from evals.store import ExampleRecord
 from evals.testing import OracleGenerator
 
 
@@ -30,9 +32,22 @@ POLICY = GatePolicy(targets=["arithmetic"], guards=["mc", "heldout_text"], guard
                     guard_margins={"heldout_text": 0.05}, min_effects={"heldout_text": 0.05})
 
 
+def _scored(checkpoint: str, scores: dict[str, list[float]], kind: str = "generate") -> EvalResult:
+    """An EvalResult with the given per-example scores (example ids e0, e1, ... shared across checkpoints)."""
+    proto = EvalProtocol()
+    res = EvalResult(checkpoint)
+    for name, xs in scores.items():
+        recs = {f"e{i}": ExampleRecord(f"e{i}", name, checkpoint, proto.hash(), "p", "o", None, float(x))
+                for i, x in enumerate(xs)}
+        res.benchmarks[name] = BenchmarkResult(name, kind, checkpoint, proto, proto.hash(), "d", len(xs), recs)
+    return res
+
+
 def test_improvement_passes_gate_with_reference_pvalues(suite: list) -> None:
     base = _run("base", suite, {"arithmetic": 0.5, "mc": 0.8})
-    tuned = _run("tuned", suite, {"arithmetic": 0.85, "mc": 0.8})
+    # Guards pass with real, within-margin losses (not bit-identical scores): a few mc items broken,
+    # held-out log-likelihood 1 % worse.
+    tuned = _run("tuned", suite, {"arithmetic": 0.85, "mc": 0.78}, nll_scale=1.01)
     rep = compare(base, tuned, POLICY)
     by = rep.by_name()
     a = np.array(list(base.benchmarks["arithmetic"].scores().values()))
@@ -45,10 +60,14 @@ def test_improvement_passes_gate_with_reference_pvalues(suite: list) -> None:
     assert ar.diff == pytest.approx(b.mean() - a.mean())
     assert ar.diff_ci[0] > 0 and ar.verdict == "improved"
     assert len(ar.fixed) == only_b and ar.broken == []
-    ref_holm = multipletests([c.p_value for c in rep.comparisons], method="holm")[1]
-    assert [c.p_adjusted for c in rep.comparisons] == pytest.approx(list(ref_holm))
-    assert by["mc"].verdict == "unchanged" and by["mc"].ni_passed  # identical answers
-    assert by["heldout_text"].test == "paired-t" and by["heldout_text"].ni_passed
+    # Holm within the targets (here one: unadjusted) and separately within the other rows
+    assert ar.p_adjusted == ar.p_value
+    ref_holm = multipletests([by["mc"].p_value, by["heldout_text"].p_value], method="holm")[1]
+    assert [by["mc"].p_adjusted, by["heldout_text"].p_adjusted] == pytest.approx(list(ref_holm))
+    assert 0 < len(by["mc"].broken) <= 6 and by["mc"].fixed == [] and by["mc"].ni_passed
+    assert -0.05 < by["mc"].ni_lower_bound < by["mc"].diff < 0
+    ht = by["heldout_text"]
+    assert ht.test == "paired-t" and ht.ni_passed and -0.05 < ht.ni_lower_bound < ht.diff < 0
     assert rep.gate.passed, rep.gate.reasons
     table = format_verdict_table(rep)
     assert "GATE: PASSED" in table and "arithmetic" in table and "improved" in table and "mcnemar-exact" in table
@@ -101,8 +120,68 @@ def test_missing_benchmark_fails_gate(suite: list) -> None:
     a = _run("a", suite[:1], {"arithmetic": 0.5})
     rep = compare(a, a, GatePolicy(guards=["mc"]))
     assert not rep.gate.passed and rep.gate.failures == ["guard mc: missing from the comparison"]
-    assert compare(a, a, GatePolicy()).gate.passed  # nothing gated: passes, and says so
-    assert "vacuously" in compare(a, a, GatePolicy()).gate.reasons[0]
+    # nothing gated: the report says so instead of printing a gate decision
+    rep = compare(a, a, GatePolicy())
+    assert not rep.gated and "vacuously" in rep.gate.reasons[0] and json.loads(rep.to_json())["gated"] is False
+    table = format_verdict_table(rep)
+    assert "GATE: NONE" in table and "PASSED" not in table
+    assert compare(a, a, GatePolicy(guards=["arithmetic"])).gated
+
+
+def test_holm_corrects_over_the_targets_only() -> None:
+    # 6 fixes, 0 broken: exact McNemar p = 2 / 2**6 = 0.031 < 0.05, so the target improved. An info benchmark
+    # with nothing changed (p = 1) used to join the Holm family and double that p to 0.0625: "inconclusive".
+    n = 200
+    a = {"target": [0.0] * n, "extra_info": [1.0] * 100 + [0.0] * 100}
+    b = {"target": [1.0] * 6 + [0.0] * (n - 6), "extra_info": a["extra_info"]}
+    pol = GatePolicy(targets=["target"])
+    alone = compare(_scored("a", {"target": a["target"]}), _scored("b", {"target": b["target"]}), pol)
+    both = compare(_scored("a", a), _scored("b", b), pol)
+    for rep in (alone, both):
+        t = rep.by_name()["target"]
+        assert t.p_value == pytest.approx(2 / 2**6) and t.p_adjusted == t.p_value
+        assert t.verdict == "improved" and rep.gate.passed
+    # Two targets do form one family.
+    two = compare(_scored("a", a), _scored("b", b), GatePolicy(targets=["target", "extra_info"]))
+    assert two.by_name()["target"].p_adjusted == pytest.approx(2 * 2 / 2**6)
+    assert two.by_name()["target"].verdict == "inconclusive" and not two.gate.passed
+
+
+def test_zero_probability_counts_against_the_candidate() -> None:
+    a = [-8.0 - 0.01 * i for i in range(40)]
+    better_but_rules_out_one = [x + 0.5 for x in a]
+    better_but_rules_out_one[7] = -math.inf  # e.g. a -inf logprob on one held-out token
+    pol = GatePolicy(guards=["heldout_text"], guard_margins={"heldout_text": 0.5})
+    rep = compare(_scored("base", {"heldout_text": a}, "perplexity"),
+                  _scored("cand", {"heldout_text": better_but_rules_out_one}, "perplexity"), pol)
+    c = rep.by_name()["heldout_text"]
+    assert (c.verdict, c.ni_passed, c.test) == ("regressed", False, "non-finite")
+    assert any("non-finite score (zero probability) on 1 of 40" in w for w in c.warnings)
+    assert not rep.gate.passed and rep.gate.failures[0].startswith("guard heldout_text")
+    assert "REGRESSED" in format_verdict_table(rep)
+    assert json.loads(rep.to_json())["comparisons"][0]["diff"] is None  # -inf is not JSON: null
+    # The baseline ruling a text out: nothing can be quantified, so inconclusive (and still no pass).
+    rev = compare(_scored("base", {"heldout_text": better_but_rules_out_one}, "perplexity"),
+                  _scored("cand", {"heldout_text": a}, "perplexity"), pol)
+    c = rev.by_name()["heldout_text"]
+    assert (c.verdict, c.ni_passed) == ("inconclusive", False) and not rev.gate.passed
+
+
+def test_gate_against_champion_keeps_base_as_info_row(suite: list) -> None:
+    base = _run("base", suite[:2], {"arithmetic": 0.3, "mc": 0.8})
+    champion = _run("champion", suite[:2], {"arithmetic": 0.85, "mc": 0.8})
+    worse = _run("trained", suite[:2], {"arithmetic": 0.6, "mc": 0.8})  # beats the base, not the champion
+    pol = GatePolicy(targets=["arithmetic"], guards=["mc"])
+    assert compare(base, worse, pol).gate.passed  # what gating against the base let through
+    rep = compare(champion, worse, pol, info_baselines=[base])
+    by = rep.by_name()
+    assert by["arithmetic"].verdict == "regressed" and not rep.gate.passed
+    info = by["arithmetic vs base"]
+    assert (info.role, info.baseline, info.verdict, info.fixed) == ("info", "base", "improved", [])
+    assert info.mean_a == pytest.approx(base.benchmarks["arithmetic"].mean)
+    assert all(not f.startswith("target arithmetic vs") for f in rep.gate.failures)
+    table = format_verdict_table(rep)
+    assert "A = champion" in table and "arithmetic vs base" in table and "instead of A" in table
 
 
 def test_gate_policy_yaml(tmp_path: Path) -> None:

@@ -55,17 +55,22 @@ def test_compare_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     p = argparse.ArgumentParser(prog="tuneloop")
     cli.add_eval_commands(p.add_subparsers(dest="cmd", required=True))
     report_dir = tmp_path / "report"
+    gate = tmp_path / "gate.yaml"
+    gate.write_text("targets: [arithmetic]\nguards: [mc]\nguard_margin: 0.05\n")
     args = p.parse_args(["compare", str(tmp_path / "base"), str(tmp_path / "sft"), "--results-dir",
                          str(tmp_path / "res"), "--benchmarks", "arithmetic,mc,heldout_text", "--n", "60",
-                         "--report", str(report_dir), "--loss-curves", str(curves)])
+                         "--report", str(report_dir), "--loss-curves", str(curves), "--gate", str(gate)])
     try:
-        args.func(args)
+        rc = args.func(args)
     finally:
         cli.set_generator_factory(None)
     index = report_dir / "index.html"
     page = index.read_text()
+    # mc drops 0.9 -> 0.8, far beyond the 0.05 margin: the gate fails and the command says so (exit 1)
+    assert rc == 1
     assert {"scores.png", "forest.png", "loss.png"} <= {p.name for p in report_dir.glob("*.png")}
-    assert "fixed by B" in page and "broken by B" in page and "Gate:" in page
+    assert "fixed by B" in page and "broken by B" in page
+    assert "Gate: FAILED" in page and "FAIL guard mc" in page
 
     # 1) DOM after load: every <img> decoded with real pixel dimensions.
     probe = report_dir / "probe.html"

@@ -189,3 +189,75 @@ def benchmarks_grader():  # type: ignore[no-untyped-def]
     from evals.graders import ExactGrader
 
     return ExactGrader()
+
+
+class _Tok:
+    bos_token_id = 1
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [2 + ord(c) % 50 for c in text]
+
+
+class _Done:
+    def __init__(self, value: list[float | None]) -> None:
+        self.value = value
+
+    def result(self) -> list[float | None]:
+        return self.value
+
+
+class _LogprobClient:
+    """compute_logprobs like training_core's: None for the first (BOS) position, then one logprob per token;
+    -inf on every token of a text containing 'zz' (a model that rules that text out)."""
+
+    def __init__(self, tok: _Tok) -> None:
+        self.tok = tok
+
+    def compute_logprobs(self, model_input: object) -> _Done:
+        ids = model_input.to_ints()  # type: ignore[attr-defined]
+        zero_prob = self.tok.encode("zz")[0]
+        return _Done([None] + [-math.inf if i == zero_prob else -2.0 for i in ids[1:]])
+
+
+def test_textgen_nll_counts_zero_probability_tokens_against_the_model() -> None:
+    from training_core.textgen import SamplingGenerator
+
+    gen = SamplingGenerator.__new__(SamplingGenerator)  # only nll() is under test: no model, no renderer
+    gen.tokenizer = _Tok()
+    gen.client = _LogprobClient(gen.tokenizer)  # type: ignore[assignment]
+    ok, bad = gen.nll(["abcd", "abzz"])
+    assert ok == (pytest.approx(8.0), 4)
+    # The -inf tokens were dropped and the count shrunk to 2, so "abzz" scored -2.0/token, as well as "abcd".
+    assert bad == (math.inf, 4)
+
+
+class ZeroProb(OracleGenerator):
+    """An NLL of inf (zero probability on some token) for the first `n_bad` texts it is asked about."""
+
+    def __init__(self, *a, n_bad: int, **kw) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*a, **kw)
+        self.n_bad = n_bad
+
+    def nll(self, texts: list[str]) -> list[tuple[float, int]]:
+        out = []
+        for v, toks in super().nll(texts):
+            out.append((math.inf, toks) if self.n_bad > 0 else (v, toks))
+            self.n_bad -= 1
+        return out
+
+
+def test_zero_probability_text_is_scored_minus_inf_and_survives_the_store(tmp_path: Path, benches: list) -> None:
+    ppl = benches[2]
+    res = evaluate(ZeroProb("z", [ppl], 1.0, n_bad=2), [ppl], EvalProtocol(), tmp_path, batch_size=7)
+    scores = [r.score for r in res.benchmarks["heldout_text"].records.values()]
+    assert scores[:2] == [-math.inf, -math.inf] and all(math.isfinite(s) for s in scores[2:])
+    br = load_eval_result(ResultStore(tmp_path).checkpoint_dir("z")).benchmarks["heldout_text"]
+    assert [r.score for r in br.records.values()] == scores  # reloaded from the JSONL store
+    s = br.summary()
+    assert s["mean"] == -math.inf and s["perplexity"] == math.inf and "ci_low" not in s
+    with pytest.raises(ValueError, match="nll"):  # -inf NLL (probability > 1) is still a generator bug
+        class Broken(OracleGenerator):
+            def nll(self, texts: list[str]) -> list[tuple[float, int]]:
+                return [(-math.inf, 3) for _ in texts]
+
+        evaluate(Broken("b", [ppl], 1.0), [ppl], EvalProtocol(), None)

@@ -41,6 +41,22 @@ def test_mcnemar_matches_scipy_binomtest_and_statsmodels(only_a: int, only_b: in
     assert p == pytest.approx(ref_sm, rel=1e-12, abs=1e-15)
 
 
+@pytest.mark.parametrize("only_a,only_b", [(600, 700), (0, 3000), (1500, 1500), (510, 514)])
+def test_mcnemar_with_over_1024_discordant_pairs(only_a: int, only_b: int) -> None:
+    # 2.0**m overflowed a float at m >= 1024 (OverflowError on any 0/1 benchmark of a few thousand items).
+    a, b = _pairs(only_a, only_b, 40, 40)
+    r = stats.mcnemar_exact(a, b)
+    assert (r.only_a, r.only_b) == (only_a, only_b)
+    # independent reference: the exact two-sided tail summed in log space
+    m, k = only_a + only_b, min(only_a, only_b)
+    log_terms = [math.lgamma(m + 1) - math.lgamma(i + 1) - math.lgamma(m - i + 1) - m * math.log(2)
+                 for i in range(k + 1)]
+    top = max(log_terms)
+    ref = min(1.0, 2 * math.exp(top) * sum(math.exp(t - top) for t in log_terms))
+    assert r.p_value == pytest.approx(ref, rel=1e-9, abs=1e-300)
+    assert r.p_value == pytest.approx(sm_mcnemar([[40, only_b], [only_a, 40]], exact=True).pvalue, rel=1e-9)
+
+
 def test_mcnemar_rejects_non_binary() -> None:
     with pytest.raises(ValueError, match="0/1"):
         stats.mcnemar_exact([0.5, 1], [1, 0])
@@ -159,6 +175,37 @@ def test_zero_flips_are_not_proof() -> None:
     se = math.sqrt(1 / 401) / math.sqrt(400)
     assert ni.passed and ni.lower_bound == pytest.approx(-sps.t.ppf(0.95, 399) * se)
     assert ni.p_value == pytest.approx(sps.t.sf(0.05 / se, 399))
-    # Identical continuous scores (deterministic NLL) really are noise-free.
+    # Identical continuous scores give no estimate of the noise either: inconclusive, not proof.
     x = np.linspace(-3, -2, 10)
-    assert stats.diff_sd(x, x) == 0.0 and stats.noninferiority(x, x.copy(), 0.01).passed
+    assert stats.diff_sd(x, x) == 0.0
+    ni = stats.noninferiority(x, x.copy(), 0.01)
+    assert (ni.passed, ni.p_value, ni.lower_bound) == (False, 1.0, -math.inf)
+
+
+def test_one_pair_or_no_spread_is_inconclusive_not_p_zero() -> None:
+    # One example (n < 2): no t-test exists; a p-value of 0 let one NLL text pass non-inferiority.
+    ni = stats.noninferiority([-8.0], [-8.1], 0.5)
+    assert not ni.passed and ni.p_value == 1.0
+    assert not stats.noninferiority([0.0], [0.0], 0.5).passed  # one 0/1 item, smoothed SD or not
+    assert stats.paired_t_test([-8.0], [-7.0]) == 1.0  # nor "improved" on one example
+    # A constant difference (zero spread) on a few continuous scores: inconclusive, for the guard and the
+    # two-sided test alike.
+    a = np.array([-8.0, -7.5, -9.0])
+    assert not stats.noninferiority(a, a - 0.25, 0.5).passed  # exactly constant
+    assert not stats.noninferiority(a, a - 0.01, 0.5).passed  # constant up to float rounding (SD ~1e-16)
+    assert stats.paired_t_test(a, a + 0.25) == 1.0 and stats.paired_t_test(a, a + 0.3) == 1.0
+    with pytest.raises(ValueError, match="alternative"):
+        stats.paired_t_test(a, a + 0.3, alternative="bigger")
+
+
+def test_noninferiority_passes_a_real_small_continuous_difference() -> None:
+    # A guard pass that is not bit-identical: log-lik/token 0.02 worse with noise, margin 0.1.
+    rng = np.random.default_rng(4)
+    a = rng.normal(-8.0, 0.6, 60)
+    b = a + rng.normal(-0.02, 0.05, 60)
+    ni = stats.noninferiority(a, b, 0.1)
+    ref = sps.ttest_1samp(b - a, -0.1, alternative="greater")
+    assert ni.passed and ni.p_value == pytest.approx(ref.pvalue, rel=1e-10)
+    assert -0.1 < ni.lower_bound < 0 and ni.lower_bound == pytest.approx(
+        ref.confidence_interval(confidence_level=0.95).low, rel=1e-10)
+    assert not stats.noninferiority(a, b, 0.01).passed  # the same data cannot show a 0.01 margin

@@ -135,13 +135,33 @@ def test_causal_attention_matches_sdpa(dtype: torch.dtype) -> None:
     assert fast_train._attention(qc, kc, vc, 0.3).shape == (B, T, H, D)
 
 
-def test_bf16_engine_samples_with_logprobs_matching_its_forward(tmp_path) -> None:
-    """A bf16 engine samples through the bf16 fused decoder; its logprobs agree with the engine's own forward."""
+def test_bf16_engine_samples_with_logprobs_matching_its_forward(tmp_path, monkeypatch) -> None:
+    """A trained bf16 adapter samples through the fused bf16 decoder; its logprobs agree with the engine's forward.
+
+    Trained, not fresh: with LoRA B = 0 every probe of the adapter is trivially exact, while a trained bf16
+    adapter used to fail the probe's sub-ulp tolerance and fall back to the HF decoder without a word.
+    """
+    from training_core import sampler as sampler_mod
+    from training_core.sampling_decoders import FusedDecoder
+
+    made: list[type] = []
+    real_make = sampler_mod.make_decoder
+    monkeypatch.setattr(sampler_mod, "make_decoder", lambda *a, **k: made.append(type(d := real_make(*a, **k))) or d)
     sc = ServiceClient(checkpoint_root=tmp_path, compute_dtype="bfloat16", load_dtype="bfloat16")
     tc = sc.create_lora_training_client("tiny", rank=8, seed=0)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(5, 1000, (4, 17), generator=g)
+    data = [types.Datum(model_input=types.ModelInput.from_ints(r[:-1].tolist()), loss_fn_inputs={"target_tokens": r[1:]})
+            for r in rows]
+    for _ in range(3):
+        tc.forward_backward(data)
+        tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    lora_b = [p for n, p in tc.trainable_parameters().items() if "lora_B" in n]
+    assert min(float(b.abs().max()) for b in lora_b) > 1e-2, "the adapter must be trained (LoRA B well off zero)"
     prompt = types.ModelInput.from_ints([5, 17, 33, 90, 41, 7, 12])
     sampler = tc.save_weights_and_get_sampling_client("s0")
     res = sampler.sample(prompt, 3, types.SamplingParams(max_tokens=10, seed=1, stop=[])).result()
+    assert made == [FusedDecoder], made
     for seq in res.sequences:
         full = prompt.to_ints() + seq.tokens
         d = types.Datum(model_input=types.ModelInput.from_ints(full[:-1]), loss_fn_inputs={"target_tokens": full[1:]})

@@ -93,7 +93,7 @@ def test_replay_mixes_the_configured_share_of_general_text(tmp_path):
     assert _rows(again.train_path) == train  # seeded: the same mix every time
     plain = prepare_dataset(DataConfig(n_train=80, n_eval=10, replay=""), tmp_path / "c")
     assert plain.n_train == 80 and _rows(plain.eval_path) == evl
-    with pytest.raises(DataValidationError, match="replay_fraction"):
+    with pytest.raises(ValueError, match="replay_fraction"):  # the typed config refuses it when built
         prepare_dataset(DataConfig(n_train=80, n_eval=10, replay="builtin:prose", replay_fraction=1.0), tmp_path)
 
 

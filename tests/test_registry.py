@@ -77,6 +77,21 @@ def _scenario(tracking_uri: str, tmp: Path, artifact_location: str | None) -> No
     assert promote_if_passed("tiny-sft", v3, gate_passed=True, tracking_uri=tracking_uri) is True
     assert get_champion("tiny-sft", tracking_uri=tracking_uri) == (v3, uri4)
     assert client.get_model_version("tiny-sft", v3).tags["previous.champion"] == v2
+    # A gate decided against an older champion (v2) or against the base (None) says nothing about the
+    # current champion v3: the version is not promoted, and the tag says why.
+    uri5 = _commit(st, tmp, "run/step-5", 5)
+    v4 = register_checkpoint(run_id, uri5, "tiny-sft", tracking_uri=tracking_uri)
+    assert promote_if_passed("tiny-sft", v4, True, tracking_uri=tracking_uri, gated_against=v2) is False
+    assert promote_if_passed("tiny-sft", v4, True, tracking_uri=tracking_uri, gated_against=None) is False
+    assert get_champion("tiny-sft", tracking_uri=tracking_uri) == (v3, uri4)
+    tags = client.get_model_version("tiny-sft", v4).tags
+    assert tags["gate_passed"] == "true" and "now version 3" in tags["promotion_skipped"]
+    assert promote_if_passed("tiny-sft", v4, True, tracking_uri=tracking_uri, gated_against=v3) is True
+    assert get_champion("tiny-sft", tracking_uri=tracking_uri) == (v4, uri5)
+    # The first champion of a model: gated against the base (None) is right then.
+    uri6 = _commit(st, tmp, "run/step-6", 6)
+    w1 = register_checkpoint(run_id, uri6, "other-sft", tracking_uri=tracking_uri)
+    assert promote_if_passed("other-sft", w1, True, tracking_uri=tracking_uri, gated_against=None) is True
     assert get_champion("no-such-model", tracking_uri=tracking_uri) is None
 
 

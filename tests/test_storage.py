@@ -22,6 +22,7 @@ from infra.storage import (
     manifest_for_dir,
     open_storage,
 )
+from infra.storage_base import UPLOAD_MARKER
 from infra.storage_s3 import S3Storage
 from tests.s3_fixtures import s3_bucket, s3_endpoint  # noqa: F401
 
@@ -118,8 +119,11 @@ def test_checkpoint_roundtrip_manifest_last(storage: Storage, tmp_path: Path) ->
     spy = Spy(storage)
     spy.install()
     manifest = storage.upload_dir(tmp_path / "ck", "run1/step-10", metadata={"eval/accuracy": 0.5})
-    assert spy.writes[-1] == f"run1/step-10/{MANIFEST_NAME}"
-    assert sorted(spy.writes[:-1]) == sorted(f"run1/step-10/{k}" for k in files)
+    # the upload marker first (an interrupted upload is recognisable), the manifest last (the commit point),
+    # and the marker gone once committed
+    assert spy.writes[0] == f"run1/step-10/{UPLOAD_MARKER}" and spy.writes[-1] == f"run1/step-10/{MANIFEST_NAME}"
+    assert sorted(spy.writes[1:-1]) == sorted(f"run1/step-10/{k}" for k in files)
+    assert not storage.exists(f"run1/step-10/{UPLOAD_MARKER}")
     stored = json.loads(storage.get_bytes(f"run1/step-10/{MANIFEST_NAME}"))
     for rel, data in files.items():
         assert stored["files"][rel] == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +32,15 @@ class InputError(ValueError):
     """A request is malformed (bad token ids, lengths, loss inputs); raised before any compute."""
 
 
+class NonFiniteError(RuntimeError):
+    """A loss or gradient is NaN/inf: the step was refused, so the adapter and its Adam state stay as they were."""
+
+
+# loss_fn_inputs a datum may leave out while others in its batch carry them: the value a missing one means.
+# `weights` missing means "every token counts" (Tinker's cross_entropy), so a mixed batch must not drop them all.
+INPUT_DEFAULTS: dict[str, float] = {"weights": 1.0}
+
+
 @dataclass
 class AdapterState:
     name: str
@@ -38,6 +49,7 @@ class AdapterState:
     optimizer: torch.optim.AdamW | None = None
     step: int = 0  # optimizer steps applied so far
     pending_grads: bool = False
+    version: int = 0  # bumped whenever the weights change (optimizer step, load): keys the sampler's caches
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -52,6 +64,7 @@ class Engine:
         self.worker = OrderedWorker(f"tuneloop-engine:{base.name}")
         self._ids = itertools.count()
         self._fast_ok: bool | None = None  # decided on first use (see `_use_fast_path`)
+        self._zombie: str | None = None  # a removed adapter peft still holds (see `remove_adapter`)
         self._linear_leaves = {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -80,6 +93,9 @@ class Engine:
                 self.model.add_adapter(name, cfg)
             else:
                 self.model = get_peft_model(self.model, cfg, adapter_name=name)
+        if self._zombie is not None:  # another adapter exists now: the last removed one can really go
+            zombie, self._zombie = self._zombie, None
+            self._delete_peft_adapter(zombie)
         params = {n: p for n, p in self.model.named_parameters() if f".{name}." in n}
         for p in params.values():
             p.data = p.data.float()  # adapters train in fp32 even over a bf16 base
@@ -88,12 +104,55 @@ class Engine:
         return st
 
     def remove_adapter(self, name: str) -> None:
+        """Free adapter `name`: its LoRA weights, gradients, Adam moments and cached sampling weights."""
         from peft import PeftModel
 
-        if name in self.adapters and isinstance(self.model, PeftModel):
-            del self.adapters[name]
-            with contextlib.suppress(Exception):
+        from training_core import sampling_decoders
+
+        st = self.adapters.pop(name, None)
+        if st is None:
+            return
+        # Drop our references first, so the memory goes even if peft's delete below fails.
+        if st.optimizer is not None:
+            st.optimizer.state.clear()
+        st.optimizer = None
+        for p in st.params.values():
+            p.grad = None
+        st.params.clear()
+        sampling_decoders.forget(self.model, name)
+        if not isinstance(self.model, PeftModel) or name not in self.model.peft_config:
+            return
+        if len(self.model.peft_config) == 1:
+            # peft cannot hold zero adapters (its `active_adapter` would name a deleted one, and base-model
+            # sampling through `disable_adapter` fails): keep this one's LoRA weights until the next adapter
+            # is added. Bounded: at most one adapter's weights, never its gradients or Adam state.
+            self._zombie = name
+            return
+        self._delete_peft_adapter(name)
+
+    def _delete_peft_adapter(self, name: str) -> None:
+        try:
+            with warnings.catch_warnings():  # deleting the active adapter is routine here: we re-point below
+                warnings.filterwarnings("ignore", message=r".*was active which is now deleted")
                 self.model.delete_adapter(name)
+        except Exception:  # runs in finalizers too, where nobody reads an exception: say it here
+            log.exception("engine %s: could not delete adapter %s from the model", self.base.name, name)
+            raise
+        # peft re-points its own `active_adapter` only in some cases; a stale one breaks `disable_adapter`
+        if self.model.active_adapter not in self.model.peft_config:
+            self.model.active_adapter = next(iter(self.model.peft_config))
+
+    def weights_key(self, adapter: str | None) -> tuple[str | None, Any]:
+        """(adapter, version): the version changes whenever the weights `adapter` computes with change.
+
+        None is the base model, whose weights the engine never changes. The explicit counter covers optimizer
+        steps and loads (fused AdamW does not bump tensors' `_version`); data_ptr / `_version` cover code that
+        edits the parameters in place or swaps their storage.
+        """
+        if adapter is None:
+            return None, 0
+        st = self.adapters[adapter]
+        return adapter, (st.version, tuple((p.data_ptr(), p._version) for p in st.params.values()))
 
     def activate(self, name: str | None) -> contextlib.AbstractContextManager[Any]:
         """Select adapter `name` (None = the bare base model) for the next computation."""
@@ -197,11 +256,31 @@ class Engine:
 
     @staticmethod
     def flat_inputs(data: list[Datum]) -> dict[str, torch.Tensor]:
-        keys = set().union(*(d.loss_fn_inputs.keys() for d in data))
+        """Each loss input over all datums' tokens, concatenated; checked for NaN/inf (which would poison Adam).
+
+        A key some datums leave out takes its documented default there (`INPUT_DEFAULTS`: missing `weights`
+        is all ones); any other key must be given by every datum or none, else `InputError`.
+        """
+        keys = sorted(set().union(*(d.loss_fn_inputs.keys() for d in data)))
         out = {}
         for k in keys:
-            if all(k in d.loss_fn_inputs for d in data):
-                out[k] = torch.cat([d.loss_fn_inputs[k].to_torch().reshape(-1).float() for d in data])
+            parts = []
+            for i, d in enumerate(data):
+                td = d.loss_fn_inputs.get(k)
+                if td is not None:
+                    parts.append(td.to_torch().reshape(-1).float())
+                elif k in INPUT_DEFAULTS:
+                    parts.append(torch.full((d.model_input.length,), INPUT_DEFAULTS[k]))
+                else:
+                    have = next(j for j, e in enumerate(data) if k in e.loss_fn_inputs)
+                    raise InputError(f"datum {i}: loss_fn_inputs has no {k!r} while datum {have} has one; "
+                                     f"give {k!r} to every datum of the batch or to none")
+            flat = torch.cat(parts)
+            if k != "target_tokens" and not bool(torch.isfinite(flat).all()):
+                lens = torch.tensor([len(p) for p in parts])
+                bad = int(torch.searchsorted(lens.cumsum(0), int((~torch.isfinite(flat)).nonzero()[0]), right=True))
+                raise InputError(f"datum {bad}: loss_fn_inputs[{k!r}] holds NaN or inf")
+            out[k] = flat
         return out
 
     def forward_backward(
@@ -209,13 +288,15 @@ class Engine:
     ) -> ForwardBackwardOutput:
         losses.check_loss_fn(loss_fn, cfg)
         self.validate(data, loss_fn)
+        inputs = self.flat_inputs(data)  # before any compute: a malformed batch costs nothing
         with self.activate(adapter):
             grad_ctx = contextlib.nullcontext() if backward else torch.no_grad()
             with grad_ctx:
                 lp_B_T, _ = self.target_logprobs(data, adapter)
                 lp_list = self.split(lp_B_T, data)
-                loss = losses.compute_loss(loss_fn, torch.cat(lp_list), self.flat_inputs(data), cfg)
+                loss = losses.compute_loss(loss_fn, torch.cat(lp_list), inputs, cfg)
                 if backward:
+                    self._check_loss(adapter, loss)
                     loss.backward()
                     self.adapters[adapter].pending_grads = True  # type: ignore[index]
         return self._output(lp_list, {"loss:sum": float(loss.detach())})
@@ -231,11 +312,19 @@ class Engine:
             loss, metrics = fn(data, lp_list)
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 raise InputError("forward_backward_custom: the loss function must return (scalar tensor, metrics dict)")
+            self._check_loss(adapter, loss)
             loss.backward()
             self.adapters[adapter].pending_grads = True
         out = {f"{k}" if ":" in k else f"{k}:sum": float(v) for k, v in (metrics or {}).items()}
         out["loss:sum"] = float(loss.detach())
         return self._output(lp_list, out)
+
+    def _check_loss(self, adapter: str | None, loss: torch.Tensor) -> None:
+        # A NaN/inf loss would put NaN in every gradient it reaches: refuse before backward, so the
+        # gradients accumulated so far (and the weights) stay usable. One scalar check per call.
+        if not bool(torch.isfinite(loss.detach())):
+            raise NonFiniteError(f"forward_backward on adapter {adapter}: the loss is {float(loss.detach())}; "
+                                 "no gradient was accumulated (check the loss inputs and the learning rate)")
 
     @staticmethod
     def _output(lp_list: list[torch.Tensor], metrics: dict[str, float]) -> ForwardBackwardOutput:
@@ -245,6 +334,11 @@ class Engine:
     def optim_step(self, adapter: str, adam: AdamParams) -> dict[str, float]:
         st = self.adapters[adapter]
         params = list(st.params.values())
+        hp = {"learning_rate": adam.learning_rate, "beta1": adam.beta1, "beta2": adam.beta2, "eps": adam.eps,
+              "weight_decay": adam.weight_decay, "grad_clip_norm": adam.grad_clip_norm or 0.0}
+        bad_hp = {k: v for k, v in hp.items() if not math.isfinite(float(v))}
+        if bad_hp:
+            raise InputError(f"optim_step: AdamParams {bad_hp} must be finite")
         if st.optimizer is None:
             st.optimizer = torch.optim.AdamW(params, lr=adam.learning_rate, fused=True)
         for g in st.optimizer.param_groups:
@@ -253,15 +347,27 @@ class Engine:
             g.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
                      weight_decay=adam.weight_decay, fused=True, foreach=False)
         metrics: dict[str, float] = {}
-        if adam.grad_clip_norm and adam.grad_clip_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, adam.grad_clip_norm)
-            metrics["grad_norm:mean"] = float(norm)
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            # The total norm clipping needs anyway: one reduction, and NaN/inf anywhere makes it non-finite.
+            norm = torch.nn.utils.get_total_norm(grads)
+            if not bool(torch.isfinite(norm)):
+                st.optimizer.zero_grad(set_to_none=True)
+                st.pending_grads = False
+                raise NonFiniteError(f"optim_step on adapter {adapter} refused: the gradient norm is {float(norm)}; "
+                                     f"weights, Adam state and step ({st.step}) are unchanged, gradients discarded")
+            if adam.grad_clip_norm and adam.grad_clip_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, adam.grad_clip_norm, norm)
+                metrics["grad_norm:mean"] = float(norm)
+        elif adam.grad_clip_norm and adam.grad_clip_norm > 0:
+            metrics["grad_norm:mean"] = 0.0
         if not st.pending_grads:
             log.warning("optim_step on adapter %s with no accumulated gradients", adapter)
         st.optimizer.step()
         st.optimizer.zero_grad(set_to_none=True)
         st.pending_grads = False
         st.step += 1
+        st.version += 1
         metrics["step:max"] = float(st.step)
         return metrics
 

@@ -83,9 +83,15 @@ def load_base(name_or_path: str, dtype: str = "float32") -> LoadedBase:
     path = resolve(name_or_path)
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     if not os.path.isdir(path) and offline and "/" not in path:
+        from training_core.presets import PRESETS
+
         raise ModelLoadError(
-            f"unknown model {name_or_path!r}: not a preset, not a local directory, and the hub is offline"
+            f"unknown model {name_or_path!r}: not a preset ({', '.join(sorted(PRESETS))}), not a local directory; "
+            f"a hub id (org/name) needs network (HF_HUB_OFFLINE=0)"
         )
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        # without this, transformers guesses at the directory and asks for sentencepiece / tiktoken
+        raise ModelLoadError(f"{name_or_path}: not a Hugging Face model directory (no config.json)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))

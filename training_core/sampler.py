@@ -38,7 +38,7 @@ Semantics (Tinker ``SamplingParams``)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -207,10 +207,13 @@ def sample_batch(
     eos_token_ids: list[int],
     tokenizer: object | None = None,
     sampling_logprobs: bool = False,
+    cache_key: tuple[Hashable, Hashable] | None = None,
 ) -> list[list[SampledSequence]]:
     """Sample ``num_samples`` continuations of every prompt; returns one list of sequences per prompt.
 
     ``sampling_logprobs=True`` returns ``SampledSequenceWithSamplingLogprobs`` (see the module docstring).
+    ``cache_key``: (adapter, weights version) of the model's current weights, to reuse the fused decoder's
+    weights across calls (``sampling_decoders.make_decoder``); None reads them afresh.
     """
     _check_params(params, num_samples)
     if len(prompts) == 0:
@@ -235,7 +238,8 @@ def sample_batch(
         )
     with _eval_mode(model), torch.inference_mode():
         return _generate(
-            base, prompts, params, num_samples, n_new, stop_ids, stop_strings, tokenizer, sampling_logprobs
+            base, prompts, params, num_samples, n_new, stop_ids, stop_strings, tokenizer, sampling_logprobs,
+            cache_key,
         )
 
 
@@ -249,6 +253,7 @@ def _generate(
     stop_strings: list[str],
     tokenizer: object | None,
     want_sampling_lp: bool,
+    cache_key: tuple[Hashable, Hashable] | None = None,
 ) -> list[list[SampledSequence]]:
     n_prompts = len(prompts)
     n_rows = n_prompts * num_samples
@@ -260,7 +265,7 @@ def _generate(
         ids_PP[i, P - len(p) :] = torch.tensor(p)
         valid_PP[i, P - len(p) :] = True
 
-    decoder = make_decoder(base, max_positions=P + n_new, capacity=P + n_new, rows_hint=n_rows)
+    decoder = make_decoder(base, max_positions=P + n_new, capacity=P + n_new, rows_hint=n_rows, cache_key=cache_key)
     logits_RV = decoder.prefill(ids_PP, valid_PP)
     if num_samples > 1:  # prefill each prompt once, then fan its cache out to its samples
         decoder.repeat_rows(num_samples)

@@ -13,9 +13,18 @@ from training_core.types import ModelInput, SampleResponse, SamplingParams
 class SamplingClient:
     def __init__(self, engine: Engine, adapter: str | None, model_path: str | None = None, *, owned: bool = False):
         self._engine, self._adapter, self.model_path = engine, adapter, model_path
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._closed = False
         if owned and adapter is not None:  # snapshot adapters die with their client
-            fin = weakref.finalize(self, lambda: engine.submit(lambda: engine.remove_adapter(adapter)))
-            fin.atexit = False  # at interpreter exit the worker thread may already be gone
+            self._finalizer = weakref.finalize(self, lambda: engine.submit(lambda: engine.remove_adapter(adapter)))
+            self._finalizer.atexit = False  # at interpreter exit the worker thread may already be gone
+
+    def close(self) -> None:
+        """Free this client's own adapter now (a snapshot or a loaded checkpoint); the base model stays."""
+        self._closed = True
+        if self._finalizer is not None and self._finalizer.detach() is not None:
+            eng, name = self._engine, self._adapter
+            eng.submit(lambda: eng.remove_adapter(name)).result()  # type: ignore[arg-type]
 
     # ---- internals ---------------------------------------------------------------------------------
     def _eos_ids(self) -> list[int]:
@@ -28,6 +37,10 @@ class SamplingClient:
         elif isinstance(extra, list):
             ids.update(extra)
         return sorted(ids)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("sampling client is closed: its adapter has been freed")
 
     def _check_prompt(self, i: int, toks: list[int]) -> None:
         vocab = self._engine.base.vocab_size
@@ -45,13 +58,14 @@ class SamplingClient:
     ) -> list[SampleResponse]:
         from training_core import sampler
 
+        self._check_open()
         toks = [p.to_ints() for p in prompts]
         for i, t in enumerate(toks):
             self._check_prompt(i, t)
         eng = self._engine
         with eng.activate(self._adapter):
             seqs = sampler.sample_batch(eng.model, toks, params, num_samples, eos_token_ids=self._eos_ids(),
-                                        tokenizer=eng.base.tokenizer)
+                                        tokenizer=eng.base.tokenizer, cache_key=eng.weights_key(self._adapter))
             out = []
             for t, s in zip(toks, seqs, strict=True):
                 plp, topk = (None, None)
@@ -88,6 +102,7 @@ class SamplingClient:
         def run() -> list[float | None]:
             from training_core import sampler
 
+            self._check_open()
             toks = prompt.to_ints()
             self._check_prompt(0, toks)
             with self._engine.activate(self._adapter):

@@ -6,15 +6,24 @@ Both expose the same four calls over a left-padded batch whose prompts fill cach
 
 Why a fused path: on CPU with small models, HF's per-step cost is mostly Python and dispatch overhead (mask
 construction, cache concatenation, one module call per projection, LoRA wrappers). The fused path reads each
-layer's effective weights once per call (``sampling_weights``: q/k/v and gate/up concatenated into one matmul
-each, peft-wrapped linears folded by probing, weights prepacked for oneDNN), keeps a preallocated KV cache and
-a precomputed RoPE table, and issues about a tenth of the ops per step. It computes the same function as the
+layer's effective weights once per weights version (``sampling_weights``: q/k/v and gate/up concatenated into
+one matmul each, peft LoRA folded into its base weight, other wrapped linears probed, weights prepacked for
+oneDNN), keeps a preallocated KV cache and a precomputed RoPE table, and issues about a tenth of the ops per
+step. It computes the same function as the
 HF model in fp32 (tests compare its logits with ``model(...)`` for Llama, Mistral, Qwen2 and Qwen3); any model
 it does not recognise goes through ``HFDecoder``, which drives the HF model itself with a ``DynamicCache``.
+
+Reading the weights (copying every projection, folding LoRA and norms, prepacking) costs about as much as a
+short generation, so ``make_decoder`` keeps the ``FusedWeights`` of the last few (adapter, weights version)
+seen per model when the caller names them (``cache_key``); ``forget`` drops an adapter's entries.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
+from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,6 +43,12 @@ from training_core.sampling_weights import (
 
 _STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}  # tables that do not depend on sequence length
 _FIRST_ALLOC_NEW_TOKENS = 512  # cache slots for new tokens allocated up front; more are added by doubling
+# Weight sets kept per model: each is about one copy of the model's projections (prepacked only), so two: the
+# base and one adapter (an evaluation's two sides; an RL loop's current snapshot). Keyed by (adapter name,
+# rows_hint); a new weights version of the same adapter replaces its entry, `forget` drops a deleted adapter's.
+_CACHE_ENTRIES = 2
+
+log = logging.getLogger(__name__)
 
 
 class Decoder(Protocol):
@@ -43,16 +58,82 @@ class Decoder(Protocol):
     def repeat_rows(self, n: int) -> None: ...
 
 
-def make_decoder(base: nn.Module, max_positions: int, capacity: int, rows_hint: int = 16) -> Decoder:
-    """The fused decoder when it supports ``base`` exactly, else the HF fallback.
+def make_decoder(
+    base: nn.Module,
+    max_positions: int,
+    capacity: int,
+    rows_hint: int = 16,
+    cache_key: tuple[Hashable, Hashable] | None = None,
+) -> Decoder:
+    """The fused decoder when it supports ``base`` exactly, else the HF fallback (logged: it is much slower).
 
     ``max_positions``: positions the batch can reach (RoPE table size); ``capacity``: cache slots needed
     (padded prompt length + new tokens); ``rows_hint``: rows per decode step, to pick the weight packing.
+    ``cache_key``: (adapter name, weights version) of the weights ``base`` computes with now; with it the
+    weights read for a previous call with the same key are reused (the caller guarantees that the version
+    changes whenever those weights do).
     """
     try:
-        return FusedDecoder(base, max_positions, capacity, rows_hint)
+        weights = _cached_weights(base, rows_hint, cache_key)  # logs why when it refuses
     except Unsupported:
         return HFDecoder(base)
+    try:
+        return FusedDecoder(base, max_positions, capacity, rows_hint, weights=weights)
+    except Unsupported as e:  # this batch only (e.g. longer than a sliding window)
+        log.info("sampler: HF decoder for this batch: %s", e)
+        return HFDecoder(base)
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple[Hashable, int], tuple[Hashable, FusedWeights | str]]]
+_CACHE = weakref.WeakKeyDictionary()
+
+
+def _read_weights(base: nn.Module, rows_hint: int) -> FusedWeights:
+    try:
+        return FusedWeights(base, rows_hint)
+    except Unsupported as e:
+        model_type = getattr(base.config, "model_type", None)
+        # A supported family falling back (e.g. an adapter the probe rejects) is a silent 5-10x slowdown: warn.
+        level = logging.WARNING if model_type in LLAMA_FAMILY else logging.INFO
+        log.log(level, "sampler: %s model uses the slow HF decoder, not the fused one: %s", model_type, e)
+        raise
+
+
+def _cached_weights(base: nn.Module, rows_hint: int, cache_key: tuple[Hashable, Hashable] | None) -> FusedWeights:
+    if cache_key is None:
+        return _read_weights(base, rows_hint)
+    name, version = cache_key
+    entries = _CACHE.setdefault(base, OrderedDict())
+    slot = (name, rows_hint)
+    hit = entries.get(slot)
+    if hit is not None and hit[0] == version:
+        entries.move_to_end(slot)
+        if isinstance(hit[1], str):  # remembered refusal: same weights, same answer, logged once
+            raise Unsupported(hit[1])
+        return hit[1]
+    entries.pop(slot, None)  # stale version: free it before reading the new one
+    try:
+        weights: FusedWeights | str = _read_weights(base, rows_hint)
+    except Unsupported as e:
+        weights = str(e)
+    entries[slot] = (version, weights)
+    while len(entries) > _CACHE_ENTRIES:
+        entries.popitem(last=False)
+    if isinstance(weights, str):
+        raise Unsupported(weights)
+    return weights
+
+
+def forget(model: nn.Module, name: Hashable) -> None:
+    """Drop the cached weights of adapter ``name`` (it is being deleted).
+
+    Every model's entries under that name go: ``model`` may be a peft wrapper of the cached one, and a name
+    shared by another engine's adapter only costs that one a re-read.
+    """
+    del model  # kept in the signature for callers' clarity; see above
+    for entries in list(_CACHE.values()):
+        for slot in [k for k in entries if k[0] == name]:
+            del entries[slot]
 
 
 class HFDecoder:
@@ -113,30 +194,35 @@ class _Layer:
     down: Linear
 
 
-def _check_supported(base: nn.Module, capacity: int) -> None:
+def _check_supported(base: nn.Module) -> None:
     cfg = base.config
     if cfg.model_type not in LLAMA_FAMILY:
         raise Unsupported(f"model_type {cfg.model_type}")
     inner = getattr(base, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(base, "lm_head"):
         raise Unsupported("unexpected module layout")
+    rope_type = getattr(getattr(inner, "rotary_emb", None), "rope_type", None)
+    if rope_type not in _STATIC_ROPE_TYPES:
+        raise Unsupported(f"rope type {rope_type}")
+
+
+def _check_window(base: nn.Module, capacity: int, layer_window: int | None) -> None:
+    cfg = base.config
     window = getattr(cfg, "sliding_window", None)
     uses_window = cfg.model_type == "mistral" or any(
         "sliding" in str(t) for t in getattr(cfg, "layer_types", None) or []
     )
     if window is not None and uses_window and capacity > window:
         raise Unsupported("sliding-window attention beyond the window")
-    rope_type = getattr(getattr(inner, "rotary_emb", None), "rope_type", None)
-    if rope_type not in _STATIC_ROPE_TYPES:
-        raise Unsupported(f"rope type {rope_type}")
+    if layer_window is not None and capacity > layer_window:
+        raise Unsupported("sliding window")
 
 
-class FusedDecoder:
-    """Lean decoder for Llama / Mistral / Qwen2 / Qwen3 (RMSNorm, RoPE, GQA, SwiGLU-style MLP)."""
+class FusedWeights:
+    """A model's weights as the fused decoder reads them, independent of any batch (so they can be reused)."""
 
-    def __init__(self, base: nn.Module, max_positions: int, capacity: int, rows_hint: int = 16) -> None:
-        _check_supported(base, capacity)
-        self.capacity = capacity  # slots the batch may need; the cache grows towards it on demand
+    def __init__(self, base: nn.Module, rows_hint: int = 16) -> None:
+        _check_supported(base)
         inner = base.model
         cfg = base.config
         attn0 = inner.layers[0].self_attn
@@ -159,6 +245,8 @@ class FusedDecoder:
         # strided cache slices copy them first on CPU: slower than fp32 at decode sizes).
         self.fold_norms = self.dtype in (torch.float32, torch.bfloat16)
         self.attn_dtype = torch.float32 if self.fold_norms else self.dtype
+        windows = [getattr(ly.self_attn, "sliding_window", None) for ly in inner.layers[: cfg.num_hidden_layers]]
+        self.layer_window: int | None = min((w for w in windows if w is not None), default=None)
         self.layers = [
             self._read_layer(layer, d, rows_hint) for layer in inner.layers[: cfg.num_hidden_layers]
         ]
@@ -168,16 +256,9 @@ class FusedDecoder:
         if self.fold_norms:
             head_w, self.norm_w = head_w * norm_w, None
         self.head = Linear(head_w, head_b, rows_hint)
-        cos_1PD, sin_1PD = inner.rotary_emb(self.embed_VD[:1][None], torch.arange(max_positions)[None])
+        cos_1PD, _ = inner.rotary_emb(self.embed_VD[:1][None], torch.arange(1)[None])
         if cos_1PD.shape[-1] != self.D:
             raise Unsupported("partial rotary embedding")
-        half = self.D // 2
-        self.cos_PD = cos_1PD[0]
-        self.sin_rot_PD = torch.cat([-sin_1PD[0, :, :half], sin_1PD[0, :, half:]], dim=-1)
-        self.k_cache: list[torch.Tensor] = []
-        self.v_cache: list[torch.Tensor] = []
-        self.bias_BL: torch.Tensor | None = None  # additive key mask (0 / -inf); None without padding
-        self.length = 0
 
     def _read_layer(self, layer: nn.Module, d: int, rows_hint: int) -> _Layer:
         at, mlp = layer.self_attn, layer.mlp
@@ -187,9 +268,6 @@ class FusedDecoder:
         for name in ("gate_proj", "up_proj", "down_proj", "act_fn"):
             if not hasattr(mlp, name):
                 raise Unsupported(f"mlp without {name}")
-        window = getattr(at, "sliding_window", None)
-        if window is not None and self.capacity > window:
-            raise Unsupported("sliding window")
         (qw, qb), (kw, kb), (vw, vb) = (
             linear_params(getattr(at, n), d) for n in ("q_proj", "k_proj", "v_proj")
         )
@@ -228,6 +306,33 @@ class FusedDecoder:
             act=mlp.act_fn,
             down=Linear(dw, db, rows_hint),
         )
+
+
+class FusedDecoder:
+    """Lean decoder for Llama / Mistral / Qwen2 / Qwen3 (RMSNorm, RoPE, GQA, SwiGLU-style MLP).
+
+    ``weights``: read once per weights version by ``make_decoder`` (else read here, for this decoder only).
+    """
+
+    def __init__(
+        self, base: nn.Module, max_positions: int, capacity: int, rows_hint: int = 16,
+        weights: FusedWeights | None = None,
+    ) -> None:
+        w = weights if weights is not None else FusedWeights(base, rows_hint)
+        _check_window(base, capacity, w.layer_window)
+        self.capacity = capacity  # slots the batch may need; the cache grows towards it on demand
+        self.weights = w
+        self.H, self.KV, self.D, self.scale = w.H, w.KV, w.D, w.scale
+        self.embed_VD, self.dtype, self.fold_norms, self.attn_dtype = w.embed_VD, w.dtype, w.fold_norms, w.attn_dtype
+        self.layers, self.norm_w, self.norm_eps, self.head = w.layers, w.norm_w, w.norm_eps, w.head
+        cos_1PD, sin_1PD = base.model.rotary_emb(self.embed_VD[:1][None], torch.arange(max_positions)[None])
+        half = self.D // 2
+        self.cos_PD = cos_1PD[0]
+        self.sin_rot_PD = torch.cat([-sin_1PD[0, :, :half], sin_1PD[0, :, half:]], dim=-1)
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        self.bias_BL: torch.Tensor | None = None  # additive key mask (0 / -inf); None without padding
+        self.length = 0
 
     # -- cache management -------------------------------------------------------------------------------------
     def select_rows(self, keep_R: torch.Tensor) -> None:

@@ -30,7 +30,8 @@ class Linear:
     """
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None, rows_hint: int) -> None:
-        self.w, self.b = w, b
+        self.w: torch.Tensor | None = w
+        self.b = b
         self.packed: torch.Tensor | None = None
         if _mkldnn_ok(w):
             try:
@@ -41,6 +42,7 @@ class Linear:
                 tol = 1e-4 if w.dtype == torch.float32 else 2e-2  # bf16: accumulation order only
                 if torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max())):
                     self.packed = packed
+                    self.w = None  # only the packed copy is used from now on: do not keep (or cache) two
             except (RuntimeError, AttributeError):  # no usable oneDNN kernel: plain F.linear
                 self.packed = None
 
@@ -98,24 +100,62 @@ def norm_params(norm: nn.Module) -> tuple[torch.Tensor, float]:
 
 
 def linear_params(mod: nn.Module, in_features: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight (out, in), bias) of the affine map ``mod`` computes; wrapped linears (peft) are probed."""
+    """(weight (out, in), bias) of the affine map ``mod`` computes.
+
+    Plain peft LoRA is folded directly, ``W + sum_a s_a B_a A_a`` in fp32 rounded once to the base dtype (one
+    rounding: the closest a single weight gets to peft's bf16 base output plus fp32 LoRA term); other
+    wrapped linears are probed with the identity. Either way a random probe must then agree with ``mod`` to
+    a few roundings of its dtype, else ``Unsupported``.
+    """
     if type(mod) is nn.Linear:
         return mod.weight.detach(), None if mod.bias is None else mod.bias.detach()
     p = next(mod.parameters(), None)
     if p is None:
         raise Unsupported(f"{type(mod).__name__} has no parameters")
-    dtype = p.dtype
-    bias_1O = mod(torch.zeros(1, in_features, dtype=dtype))
-    w_OI = (mod(torch.eye(in_features, dtype=dtype)) - bias_1O).t().contiguous()
-    bias_O = bias_1O[0] if bool(bias_1O.any()) else None
+    folded = _fold_lora(mod)
+    if folded is not None:
+        w_OI, bias_O = folded
+        dtype = w_OI.dtype
+    else:
+        dtype = p.dtype
+        bias_1O = mod(torch.zeros(1, in_features, dtype=dtype))
+        w_OI = (mod(torch.eye(in_features, dtype=dtype)) - bias_1O).t().contiguous()
+        bias_O = bias_1O[0] if bool(bias_1O.any()) else None
     probe = torch.randn(4, in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
     expect = mod(probe)
     got = F.linear(probe, w_OI, bias_O)
+    # fp32: 1e-3 relative (as before). bf16 / fp16: mod itself rounds its output (and peft adds the LoRA term
+    # after rounding the base output), so agreement is only up to a few ulps: 1e-3 (< 1 bf16 ulp, 2^-8) would
+    # reject every trained adapter and silently send sampling to the slow HF decoder. A non-affine map misses
+    # by O(1), far beyond either bound.
+    rtol = max(1e-3, 4 * torch.finfo(expect.dtype).eps)
     if not torch.allclose(
-        got.float(), expect.float(), rtol=1e-3, atol=1e-4 * float(expect.abs().max()) + 1e-6
+        got.float(), expect.float(), rtol=rtol, atol=max(1e-4, rtol) * float(expect.abs().max()) + 1e-6
     ):
-        raise Unsupported(f"{type(mod).__name__} is not an affine map")
+        err = float((got.float() - expect.float()).abs().max() / expect.float().abs().max())
+        raise Unsupported(f"{type(mod).__name__} is not an affine map (max error {err:.2e} of max |output|)")
     return w_OI, bias_O
+
+
+def _fold_lora(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Effective (weight, bias) of a plain peft LoRA linear, or None for anything else (then it is probed)."""
+    base = getattr(mod, "base_layer", None)
+    if type(base) is not nn.Linear or not hasattr(mod, "lora_A") or getattr(mod, "merged", False):
+        return None
+    bias = None if base.bias is None else base.bias.detach()
+    if getattr(mod, "disable_adapters", False):
+        return base.weight.detach(), bias
+    w = base.weight.detach().float()
+    for name in getattr(mod, "active_adapters", []):
+        if name not in mod.lora_A:
+            continue
+        if name in getattr(mod, "lora_variant", {}) or getattr(mod, "use_dora", {}).get(name, False):
+            return None  # DoRA and other variants: not W + sBA
+        a, b = mod.lora_A[name], mod.lora_B[name]
+        if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
+            return None
+        w = w + float(mod.scaling[name]) * (b.weight.detach().float() @ a.weight.detach().float())
+    return w.to(base.weight.dtype), bias
 
 
 def cat_bias(biases: list[torch.Tensor | None], sizes: list[int], like: torch.Tensor) -> torch.Tensor | None:

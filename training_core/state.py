@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from training_core.checkpoint import verify_checkpoint, write_checkpoint
-from training_core.engine import AdapterState, Engine
+from training_core.engine import AdapterState, Engine, NonFiniteError
 from training_core.types import LoraConfig
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -53,6 +53,7 @@ def set_adapter_tensors(engine: Engine, adapter: str, sd: dict[str, torch.Tensor
             if prm.shape != sd[k].shape:
                 raise ValueError(f"{source}: {k} has shape {tuple(sd[k].shape)}, the model has {tuple(prm.shape)}")
             prm.data = sd[k].to(torch.float32).clone()
+    st.version += 1  # new weights: the sampler's cached decoder weights for this adapter are stale
 
 
 def _optimizer_tensors(st: AdapterState) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -94,6 +95,11 @@ def save_adapter_checkpoint(
 ) -> Path:
     st = engine.adapters[adapter]
     adapter_sd = adapter_tensors(engine, adapter)
+    # Last line of defence (the engine refuses non-finite steps): a NaN adapter must never become a checkpoint
+    # that a resume or a registry promotion would pick up. One pass over the adapter, at save time only.
+    bad = [k for k, v in adapter_sd.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NonFiniteError(f"refusing to save {path}: adapter tensors hold NaN/inf ({len(bad)}, e.g. {bad[0]})")
     peft_cfg = _peft_config_dict(engine, adapter)
     trainer: dict[str, Any] = {
         "base_model": engine.base.name,

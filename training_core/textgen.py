@@ -50,6 +50,9 @@ class SamplingGenerator:
             if bos is not None:
                 ids = [bos, *ids]
             lps = self.client.compute_logprobs(ModelInput.from_ints(ids)).result()
-            vals = [v for v in lps[1:] if v is not None and math.isfinite(v)]
-            out.append((-sum(vals), len(vals)))
+            vals = [v for v in lps[1:] if v is not None]
+            # Every scored token counts: dropping a -inf (zero-probability) token and shrinking the count
+            # made a model that rules out held-out text look better. Non-finite -> NLL inf, scored against it.
+            nll = -math.fsum(vals) if all(math.isfinite(v) for v in vals) else math.inf
+            out.append((nll, len(vals)))
         return out

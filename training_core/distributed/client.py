@@ -95,6 +95,9 @@ class DistributedTrainingClient(AsyncTwins):
     ) -> ForwardBackwardOutput:
         losses.check_loss_fn(loss_fn, cfg)
         self._validate(data, loss_fn)
+        # mixed / non-finite loss inputs fail here, for the whole batch: a rank raising alone would leave the
+        # others waiting in the backward's collectives until the timeout
+        Engine.flat_inputs(data)
         args = [
             {"data": d, "stand_in": s, "loss_fn": loss_fn, "loss_fn_config": cfg, "backward": backward}
             for d, s in self._shards(data)

@@ -78,7 +78,7 @@ def create_distributed_training_client(
         if owns:
             pool.close()
         raise
-    mid = model_id or f"ds-{uuid.uuid4().hex[:8]}:train:{sid}"
+    mid = model_id or f"ds-{uuid.uuid4().hex[:8]}-train-{sid}"  # a directory name: no ":"
     return DistributedTrainingClient(
         pool,
         sid,
@@ -107,7 +107,6 @@ class DistributedServiceClient:
         compute_dtype: str = "float32",
         ds_config_overrides: dict[str, Any] | None = None,
         startup_timeout_s: float = 300.0,
-        **_: Any,
     ) -> None:
         self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else _default_root()
         self.world_size, self.zero_stage, self.timeout_s = world_size, zero_stage, timeout_s
@@ -127,7 +126,7 @@ class DistributedServiceClient:
     def _create(
         self, base_model: str, lora: LoraConfig | None, user_metadata: dict[str, str] | None
     ) -> DistributedTrainingClient:
-        model_id = f"{self.session_id}:train:{self._n}"
+        model_id = f"{self.session_id}-train-{self._n}"  # a directory name: no ":" (Windows, S3 tools, scp)
         self._n += 1
         return create_distributed_training_client(
             base_model,
