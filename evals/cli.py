@@ -21,9 +21,9 @@ from typing import Any
 from evals.compare import GatePolicy, compare, format_verdict_table
 from evals.protocols import Generator, ProtocolMismatchError
 from evals.report import write_report
-from evals.runner import EvalResult, evaluate, load_eval_result
+from evals.runner import EvalResult, load_eval_result
 from evals.store import ResultStore
-from evals.suite import DEFAULT_BUILTINS, Suite, default_suite, load_suite
+from evals.suite import DEFAULT_BUILTINS, Suite, load_suite
 
 GeneratorFactory = Callable[[str], Generator]
 _FACTORY: GeneratorFactory | None = None
@@ -47,7 +47,9 @@ def _suite(args: argparse.Namespace) -> Suite:
     if args.suite:
         return load_suite(args.suite)
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()] if args.benchmarks else None
-    return default_suite(names, n=args.n, seed=args.seed)
+    from evals.benchmarks_real import cli_suite  # real benchmarks by name; built-ins otherwise
+
+    return cli_suite(names, n=args.n, seed=args.seed, limit=args.limit)
 
 
 def _from_mlflow_run(ref: str) -> EvalResult:
@@ -156,8 +158,10 @@ def _evaluate_checkpoint(ref: str, suite: Suite, store: ResultStore, args: argpa
         if not args.json:
             print(f"  {name}: {done}/{total}", file=sys.stderr)
 
-    return evaluate(gen, suite.benchmarks, suite.protocol, store, checkpoint=ref, batch_size=args.batch_size,
-                    progress=progress)
+    from evals.benchmarks_real import evaluate_suite  # evaluate() + log-likelihood multiple choice
+
+    return evaluate_suite(gen, suite.benchmarks, suite.protocol, store, checkpoint=ref,
+                          batch_size=args.batch_size, progress=progress)
 
 
 def _summary_table(result: EvalResult) -> str:
@@ -229,6 +233,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", help="suite YAML (protocol, benchmarks, gate); overrides --benchmarks/--n")
     p.add_argument("--benchmarks", help=f"comma list of built-ins (default: {','.join(DEFAULT_BUILTINS)})")
     p.add_argument("--n", type=int, default=100, help="examples per built-in benchmark")
+    p.add_argument("--limit", type=int, default=None,
+                   help="real benchmarks (gsm8k, mmlu, ...): a seeded, stratified subset of N examples (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in generators")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per Generator.generate call")
     p.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
