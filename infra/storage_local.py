@@ -110,11 +110,16 @@ class LocalStorage(Storage):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
+    def _walk_root(self, prefix: str) -> tuple[str, Path | None]:
+        """(normalised prefix, the deepest directory it pins down or None): walk only that, then filter by
+        plain string match."""
         prefix = prefix.replace("\\", "/").lstrip("/")
-        # Walk only the deepest directory the prefix pins down, then filter by plain string match.
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
-        if not base.is_dir():
+        return prefix, (base if base.is_dir() else None)
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        prefix, base = self._walk_root(prefix)
+        if base is None:
             return []
         out: list[ObjectInfo] = []
         for dirpath, dirnames, filenames in os.walk(base):
@@ -133,9 +138,8 @@ class LocalStorage(Storage):
         return sorted(out, key=lambda o: o.key)
 
     def list_temp(self, prefix: str = "") -> list[ObjectInfo]:
-        prefix = prefix.replace("\\", "/").lstrip("/")
-        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
-        if not base.is_dir():
+        prefix, base = self._walk_root(prefix)
+        if base is None:
             return []
         out: list[ObjectInfo] = []
         for dirpath, dirnames, filenames in os.walk(base):

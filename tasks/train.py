@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +111,11 @@ def latest_checkpoint(ckpt_root: Path) -> tuple[int, str] | None:
         try:
             verify_checkpoint(path)
         except CheckpointError as e:
-            log.warning("checkpoint %s is corrupt (%s); falling back to an older checkpoint", path, e)
+            # moved aside (kept for inspection): the resumed run saves this step again in the same directory
+            aside = Path(path).with_name(f"{Path(path).name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            Path(path).rename(aside)
+            log.warning("checkpoint %s is corrupt (%s); moved to %s, falling back to an older checkpoint",
+                        path, e, aside)
             continue
         return step, path
     return None
@@ -196,7 +201,7 @@ def train_sft(cfg: PipelineConfig, train_path: str, eval_path: str, run_dir: str
 
     service = make_service_client(cfg.model.backend, checkpoint_root=ckpt_root, compute_dtype=cfg.model.compute_dtype,
                                   world_size=cfg.model.world_size, zero_stage=cfg.model.zero_stage,
-                                  timeout_s=cfg.model.ds_timeout_s)
+                                  timeout_s=cfg.model.ds_timeout_s, session_id=f"{cfg.model.backend}")
     try:
         return _train(cfg, service, train_path, eval_path, ckpt_root, run_dir, on_step, stop_after, periodic)
     finally:

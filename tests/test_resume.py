@@ -45,6 +45,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_newest_valid_one(
         done = train_sft(_cfg(), data.train_path, data.eval_path, run)
     assert done.resumed_from == 2 and [s for s, _ in done.losses] == [3, 4, 5, 6]
     assert any(newest[1] in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
+    # the corrupt one is kept aside for inspection, and step 4 was saved again in the same directory
+    (aside,) = Path(newest[1]).parent.glob("step-000004.corrupt-*")
+    assert (Path(newest[1]) / "manifest.json").is_file() and aside.is_dir()
     # the run's curve: steps 1-2 from before the resume point, then the steps re-run after it
     assert [s for s, _ in done.loss_history] == [1, 2, 3, 4, 5, 6]
     assert done.loss_history[:2] == part.losses[:2]
@@ -107,3 +110,15 @@ def test_checkpoint_directories_have_portable_names(data: DatasetInfo, tmp_path:
     names = {part for p in run.rglob("*") for part in p.relative_to(run).parts}
     assert Path(res.checkpoint).relative_to(run).parts[0] == "checkpoints"
     assert [n for n in names if not re.fullmatch(r"[A-Za-z0-9._-]+", n)] == []
+
+
+def test_a_resumed_run_keeps_one_checkpoint_directory(data: DatasetInfo, tmp_path: Path) -> None:
+    """Every attempt of a run (kill, retry, resume) saves into the same session directory, not a new one each."""
+    run = tmp_path / "run"
+    train_sft(_cfg(), data.train_path, data.eval_path, run, stop_after=2)
+    train_sft(_cfg(), data.train_path, data.eval_path, run, stop_after=2)
+    done = train_sft(_cfg(), data.train_path, data.eval_path, run)
+    assert done.resumed_from == 4
+    (session,) = [p.name for p in (run / "checkpoints").iterdir()]
+    assert sorted(p.name for p in (run / "checkpoints" / session / "weights").iterdir()) == [
+        "step-000002", "step-000004", "step-000006"]

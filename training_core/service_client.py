@@ -46,7 +46,7 @@ class ServiceClient:
 
     def __init__(self, checkpoint_root: str | Path | None = None, compute_dtype: str = "float32",
                  load_dtype: str = "float32", *, user_metadata: dict[str, str] | None = None,
-                 base_url: str | None = None, api_key: str | None = None) -> None:
+                 base_url: str | None = None, api_key: str | None = None, session_id: str | None = None) -> None:
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
         torch_dtype(load_dtype)  # raises ValueError naming the valid ones
@@ -55,7 +55,8 @@ class ServiceClient:
         self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else default_checkpoint_root()
         self.compute_dtype, self.load_dtype = compute_dtype, load_dtype
         self.user_metadata = dict(user_metadata or {})
-        self.session_id = f"sess-{uuid.uuid4().hex[:8]}"
+        # a fixed session_id (a pipeline run passes one) keeps every attempt's checkpoints in one directory
+        self.session_id = session_id or f"sess-{uuid.uuid4().hex[:8]}"
         self._n = 0
         self._clients: weakref.WeakSet[TrainingClient | SamplingClient] = weakref.WeakSet()
 

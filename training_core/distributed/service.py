@@ -107,12 +107,13 @@ class DistributedServiceClient:
         compute_dtype: str = "float32",
         ds_config_overrides: dict[str, Any] | None = None,
         startup_timeout_s: float = 300.0,
+        session_id: str | None = None,
     ) -> None:
         self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else _default_root()
         self.world_size, self.zero_stage, self.timeout_s = world_size, zero_stage, timeout_s
         self.compute_dtype, self.ds_config_overrides = compute_dtype, ds_config_overrides
         self.startup_timeout_s = startup_timeout_s
-        self.session_id = f"ds-sess-{uuid.uuid4().hex[:8]}"
+        self.session_id = session_id or f"ds-sess-{uuid.uuid4().hex[:8]}"
         self._pool: WorkerPool | None = None
         self._n = 0
 
@@ -216,6 +217,7 @@ def make_service_client(
     world_size: int = 2,
     zero_stage: int = 2,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    session_id: str | None = None,
 ) -> Any:
     """`model.backend` switch for pipelines: "local" -> ServiceClient, "deepspeed" -> DistributedServiceClient.
 
@@ -224,7 +226,7 @@ def make_service_client(
     if backend == "local":
         from training_core.service_client import ServiceClient
 
-        return ServiceClient(checkpoint_root=checkpoint_root, compute_dtype=compute_dtype)
+        return ServiceClient(checkpoint_root=checkpoint_root, compute_dtype=compute_dtype, session_id=session_id)
     if backend == "deepspeed":
         return DistributedServiceClient(
             checkpoint_root,
@@ -232,5 +234,6 @@ def make_service_client(
             zero_stage=zero_stage,
             timeout_s=timeout_s,
             compute_dtype=compute_dtype,
+            session_id=session_id,
         )
     raise ValueError(f"model.backend must be 'local' or 'deepspeed', got {backend!r}")
