@@ -1,6 +1,7 @@
-"""Local service stack as background processes: SeaweedFS S3, MLflow server/UI, Prefect server.
+"""Local service stack as background processes: SeaweedFS S3, MLflow server/UI, Prefect server, and
+`tuneloop serve` (the Tinker API for the tinker SDK and cookbook).
 
-    tuneloop services up [s3|mlflow|prefect ...]     # start (all by default), print the env to use them
+    tuneloop services up [s3|mlflow|prefect|serve ...]  # start (all by default), print the env to use them
     tuneloop services status | down [...]
     python -m infra.services up s3 --env-file F      # for .ci/run: writes TUNELOOP_TEST_S3_* to F
     python -m infra.services down s3
@@ -29,8 +30,8 @@ from typing import Any
 from infra.config import BadInputError
 from infra.s3_server import HOST, SeaweedS3Server, free_ports, pid_alive, pid_cmdline, stop_pid
 
-SERVICES = ("s3", "mlflow", "prefect")
-DEFAULT_PORTS = {"mlflow": 5000, "prefect": 4200}
+SERVICES = ("s3", "mlflow", "prefect", "serve")  # serve after s3: it keeps its checkpoints there when s3 runs
+DEFAULT_PORTS = {"mlflow": 5000, "prefect": 4200, "serve": 8000}
 _QUIET_ENV = {
     "DO_NOT_TRACK": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -192,6 +193,48 @@ def start_s3(state: Path, buckets: tuple[str, ...] = ("tuneloop",)) -> ServiceRe
     return ServiceRecord("s3", server.pid, ep.url, str(state / "s3.log"), "weed", env=ep.aws_env())
 
 
+def _serve_client_key(d: Path) -> str:
+    """The API key `services up serve` mints on first start (stored hashed in the server's keys file; the
+    secret kept 0600 beside it, like the S3 credentials) so the printed env works at once."""
+    path = d / "client-key.json"
+    if path.exists():
+        return str(json.loads(path.read_text())["api_key"])
+    from service.keys import create_key
+
+    d.mkdir(parents=True, exist_ok=True)
+    secret = create_key(d / "keys.json", f"services-{secrets.token_hex(3)}")[0]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"api_key": secret}, f)
+    return secret
+
+
+def start_serve(state: Path, *, port: int | None = None, db: str | None = None, storage: str | None = None,
+                timeout: float = 120.0) -> ServiceRecord:
+    """`tuneloop serve` on 127.0.0.1; checkpoints in the S3 server of the same state dir when that one runs
+    (s3://tuneloop/serve), else under STATE/serve; the database is `db` or an SQLite file there."""
+    d = (state / "serve").resolve()
+    key = _serve_client_key(d)
+    env: dict[str, str] = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    s3 = load_record(state, "s3")
+    if storage is None and s3 is not None and s3.alive():
+        storage = "s3://tuneloop/serve"
+    if storage is not None and storage.startswith("s3://") and s3 is not None and s3.alive():
+        env.update(s3.env)  # the endpoint and credentials of our S3 server
+    port = _port(port, None)
+    url = f"http://{HOST}:{port}"
+    cmd = [sys.executable, "-m", "service", "--host", HOST, "--port", str(port), "--state-dir", str(d),
+           "--keys", str(d / "keys.json")]
+    cmd += ["--db", db] if db else []
+    cmd += ["--storage", storage] if storage else []
+    proc = _spawn(cmd, state / "serve.log", env)
+    # the state dir is in the command line: the marker tells this server from any other `python -m service`
+    rec = ServiceRecord("serve", proc.pid, url, str(state / "serve.log"), f"--state-dir {d}",
+                        env={"TINKER_BASE_URL": url, "TINKER_API_KEY": key}, health=f"{url}/api/v1/healthz")
+    rec.wait_ready(timeout)
+    return rec
+
+
 def _record_path(state: Path, name: str) -> Path:
     return state / f"{name}.json"
 
@@ -209,7 +252,8 @@ def save_record(state: Path, rec: ServiceRecord) -> None:
 
 
 def up(
-    name: str, state: Path, *, port: int | None = None, mlflow_backend: str | None = None
+    name: str, state: Path, *, port: int | None = None, mlflow_backend: str | None = None,
+    serve_db: str | None = None, serve_storage: str | None = None,
 ) -> ServiceRecord:
     """Start one service unless it already runs; returns its record."""
     rec = load_record(state, name)
@@ -228,6 +272,8 @@ def up(
         rec = start_prefect_server(
             state / "prefect-home", state / "prefect.log", port=_port(port, DEFAULT_PORTS["prefect"])
         )
+    elif name == "serve":
+        rec = start_serve(state, port=_port(port, DEFAULT_PORTS["serve"]), db=serve_db, storage=serve_storage)
     else:
         raise BadInputError(f"unknown service {name!r}; choose from {', '.join(SERVICES)}")
     save_record(state, rec)
@@ -247,7 +293,7 @@ def status(name: str, state: Path) -> dict[str, Any]:
     rec = load_record(state, name)
     if rec is None:
         return {"name": name, "running": False}
-    health = {"s3": rec.url, "mlflow": f"{rec.url}/health", "prefect": f"{rec.url}/health"}[name]
+    health = rec.health or rec.url  # s3 has no health URL: its root answers
     healthy = False
     if rec.alive():
         try:
@@ -300,7 +346,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         raise SystemExit("--port needs exactly one service name")
     style = args.env_style or ("test" if getattr(args, "module_mode", False) else "aws")
     for name in names:
-        rec = up(name, state, port=args.port, mlflow_backend=args.mlflow_backend)
+        rec = up(name, state, port=args.port, mlflow_backend=args.mlflow_backend, serve_db=args.serve_db,
+                 serve_storage=args.serve_storage)
         print(f"{name:<8} up   pid {rec.pid:<7} {rec.url}   log {rec.log}", file=sys.stderr)
         if style == "test" and name == "s3":
             env.update(test_env(rec))
@@ -338,7 +385,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def add_services_commands(subparsers: Any) -> argparse.ArgumentParser:
     """Register `services up|down|status`; each leaf sets args.func(args) -> exit code."""
-    p = subparsers.add_parser("services", help="start/stop the local S3, MLflow and Prefect servers")
+    p = subparsers.add_parser("services", help="start/stop the local S3, MLflow, Prefect and Tinker API servers")
     sub = p.add_subparsers(dest="services_cmd", required=True)
     for cmd, fn, helptext in (
         ("up", _cmd_up, "start services (all if none named) in the background"),
@@ -346,7 +393,7 @@ def add_services_commands(subparsers: Any) -> argparse.ArgumentParser:
         ("status", _cmd_status, "show what runs where"),
     ):
         sp = sub.add_parser(cmd, help=helptext)
-        sp.add_argument("names", nargs="*", metavar="SERVICE", help="s3, mlflow, prefect (default: all)")
+        sp.add_argument("names", nargs="*", metavar="SERVICE", help="s3, mlflow, prefect, serve (default: all)")
         sp.add_argument("--state-dir", default=str(default_state_dir()), help="pid files, logs and data")
         sp.set_defaults(func=fn)
         if cmd == "up":
@@ -358,6 +405,9 @@ def add_services_commands(subparsers: Any) -> argparse.ArgumentParser:
             sp.add_argument(
                 "--env-file", help="also write the client environment to this file (KEY=VALUE lines)"
             )
+            sp.add_argument("--serve-db", help="database URL of `serve` (default sqlite under the state dir)")
+            sp.add_argument("--serve-storage", help="checkpoint storage URI of `serve` (default: the s3 service's "
+                                                    "bucket when it runs, else files under the state dir)")
             sp.add_argument("--env-style", choices=["aws", "test"],
                             help="s3 variables: AWS_* (default) or TUNELOOP_TEST_S3_* (default for python -m)")  # fmt: skip
         if cmd == "status":

@@ -69,7 +69,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
         ctx.runtime.start()
-        log.info("tuneloop serve: db %s, storage %s, keys %s", db_url, storage_uri, keys_file)
+        from sqlalchemy.engine import make_url
+
+        shown = make_url(db_url).render_as_string(hide_password=True)  # never log a database password
+        log.info("tuneloop serve: db %s, storage %s, keys %s", shown, storage_uri, keys_file)
         yield
 
     app = FastAPI(title="tuneloop serve", lifespan=lifespan)

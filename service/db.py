@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Integer,
@@ -74,7 +75,7 @@ class Checkpoint(Base):
     kind: Mapped[str] = mapped_column(String(16))  # training | sampler
     name: Mapped[str] = mapped_column(String(256))
     storage_prefix: Mapped[str] = mapped_column(Text)
-    size_bytes: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)  # PostgreSQL's INTEGER stops at 2 GiB
     user_metadata: Mapped[Any] = mapped_column(JSON, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -109,14 +110,26 @@ def default_db_url(state_dir: Path) -> str:
     return f"sqlite:///{(state_dir / 'tuneloop-serve.db').resolve()}"
 
 
+def normalize_db_url(url: str) -> str:
+    """`postgresql://` and `postgres://` mean the installed psycopg 3 driver (SQLAlchemy's default for a bare
+    `postgresql://` is psycopg2, which the stack does not ship)."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme):]
+    return url
+
+
 class Store:
     def __init__(self, url: str) -> None:
+        url = normalize_db_url(url)
         kw: dict[str, Any] = {}
         if url.startswith("sqlite"):
             path = url.split("///", 1)[-1]
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             kw["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:  # a database server: drop connections it closed (its restart, an idle timeout) before use
+            kw["pool_pre_ping"] = True
         self.engine: Engine = create_engine(url, **kw)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,66 +27,11 @@ from tinker import types  # noqa: E402
 
 from service.cli import main as service_cli  # noqa: E402
 from tests.s3_fixtures import s3_bucket, s3_endpoint  # noqa: E402,F401
+from tests.service_fixtures import Server  # noqa: E402
+from tests.service_fixtures import make_key as _key  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 BASE = "tiny"
 PROMPT = [5, 17, 33, 60, 61, 62, 90, 120]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    def __init__(self, state: Path, keys: Path) -> None:
-        self.state, self.keys, self.port = state, keys, _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = state / "server.log"
-
-    def start(self, timeout: float = 180.0) -> None:
-        # one intra-op thread: on a shared, oversubscribed CPU torch's OpenMP threads spin-wait for each
-        # other and a tiny step takes 10-20x longer (measured: forward 1.5 s -> 0.09 s at load 11 on 2 cores)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-               "OMP_NUM_THREADS": "1"}
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service", "--port", str(self.port), "--state-dir", str(self.state),
-                 "--keys", str(self.keys), "--log-level", "warning", "--max-body-mb", "4",
-                 "--torch-threads", "1"], cwd=ROOT, env=env, stdout=log,
-                stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited: {self.log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{self.url}/api/v1/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not up after {timeout}s: {self.log.read_text()[-3000:]}")
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(20)
-
-
-def _key(keys: Path, name: str) -> str:
-    from service.keys import create_key
-
-    return create_key(keys, name)[0]
 
 
 @pytest.fixture(scope="module")

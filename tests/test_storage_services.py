@@ -63,6 +63,43 @@ def test_services_s3_up_env_file_status_down(tmp_path: Path) -> None:
     assert services.status("s3", state) == {"name": "s3", "running": False}
 
 
+def test_services_serve_alongside_s3_keeps_checkpoints_in_it(tmp_path: Path) -> None:
+    """`up s3 serve`: the Tinker API server starts with a key minted for the printed env and its checkpoints
+    going to the S3 server started with it; the real tinker SDK trains and saves through it."""
+    import tinker
+
+    state, env_file = tmp_path / "state", tmp_path / "svc.env"
+    up = _services("up", "s3", "serve", "--env-file", str(env_file), "--state-dir", str(state), cwd=tmp_path)
+    pids: list[int] = []
+    try:
+        assert up.returncode == 0, up.stderr
+        env = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+        assert {"TINKER_BASE_URL", "TINKER_API_KEY", "TUNELOOP_TEST_S3_ENDPOINT"} <= set(env)
+        assert f"export TINKER_API_KEY={env['TINKER_API_KEY']}" in up.stdout
+        pids = [services.status(n, state)["pid"] for n in ("s3", "serve")]
+        st = services.status("serve", state)
+        assert st["running"] and st["healthy"] and st["url"] == env["TINKER_BASE_URL"]
+        assert services.up("serve", state).pid == st["pid"]  # idempotent
+
+        sc = tinker.ServiceClient(base_url=env["TINKER_BASE_URL"], api_key=env["TINKER_API_KEY"])
+        tc = sc.create_lora_training_client(base_model="tiny", rank=4).result(timeout=180)
+        datum = tinker.types.Datum(model_input=tinker.types.ModelInput.from_ints(list(range(5, 21))),
+                                   loss_fn_inputs={"target_tokens": list(range(6, 22)), "weights": [1.0] * 16})
+        assert tc.forward_backward([datum], "cross_entropy").result(timeout=120).metrics["loss:sum"] > 0
+        path = tc.save_state("svc").result(timeout=120).path
+        assert path.endswith("/weights/svc")
+        bucket = open_storage("s3://tuneloop/serve", endpoint_url=env["TUNELOOP_TEST_S3_ENDPOINT"],
+                              access_key=env["TUNELOOP_TEST_S3_ACCESS_KEY"],
+                              secret_key=env["TUNELOOP_TEST_S3_SECRET_KEY"])
+        committed = bucket.list_committed("")  # in the S3 server, manifest last, not only on local disk
+        assert any(c.endswith("/weights/svc") for c in committed), committed
+    finally:
+        down = _services("down", "serve", "s3", "--state-dir", str(state), cwd=tmp_path)
+    assert down.returncode == 0 and down.stderr.count("stopped") == 2, down.stderr
+    assert pids and not any(pid_alive(p) for p in pids)
+    assert services.status("serve", state) == {"name": "serve", "running": False}
+
+
 def _docs() -> dict[str, list[dict[str, Any]]]:
     return {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d] for p in sorted(K8S.glob("*.yaml"))}
 
@@ -147,3 +184,50 @@ def test_k8s_training_job_command_parses_with_the_cli() -> None:
     assert c["command"][0] == "tuneloop"
     args = build_parser().parse_args([*c["command"][1:], *c["args"]])
     assert args.config == "/config/sft.yaml" and callable(args.func)
+
+
+def test_k8s_serve_manifest_runs_tuneloop_serve_from_its_secret_and_configmap(tmp_path: Path) -> None:
+    import json
+    import re
+
+    from service.app import ServeConfig, create_app
+    from service.cli import cmd_serve
+    from service.keys import _read
+    from tuneloop_cli.main import build_parser
+
+    every = [d for ds in _docs().values() for d in ds]
+    docs = _docs()["serve.yaml"]
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    assert any(d["kind"] == "Service" and d["metadata"]["name"] == "tuneloop-serve" for d in docs)
+    # one server per database: live state is in its memory, and a starting server fails the old one's work
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    c = _containers(dep)[0]
+    args = build_parser().parse_args([*c["command"][1:], *c["args"]])
+    assert args.func is cmd_serve and args.host == "0.0.0.0"
+    assert {p["containerPort"] for p in c["ports"]} == {args.port}
+
+    # DB URL from a Secret, storage URI from a ConfigMap, both through envFrom
+    provided: dict[str, tuple[str, str]] = {}
+    for src in c["envFrom"]:
+        kind, ref = ("ConfigMap", src["configMapRef"]) if "configMapRef" in src else ("Secret", src["secretRef"])
+        obj = next(d for d in every if d["kind"] == kind and d["metadata"]["name"] == ref["name"])
+        provided.update({k: (kind, ref["name"]) for k in {**obj.get("data", {}), **obj.get("stringData", {})}})
+    assert re.fullmatch(r"\$\((\w+)\)", args.db) and provided[args.db[2:-1]][0] == "Secret"
+    assert re.fullmatch(r"\$\((\w+)\)", args.storage) and provided[args.storage[2:-1]][0] == "ConfigMap"
+    db_secret = next(d for d in every if d["kind"] == "Secret" and d["metadata"]["name"] == provided[args.db[2:-1]][1])
+    assert db_secret["stringData"][args.db[2:-1]].startswith("postgresql://")
+
+    # the keys file is mounted from a Secret whose placeholder is a valid (empty) keys file
+    mount = next(m for m in c["volumeMounts"] if args.keys.startswith(m["mountPath"] + "/"))
+    vol = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    keys_secret = next(d for d in every if d["kind"] == "Secret" and d["metadata"]["name"] == vol["secret"]["secretName"])
+    (tmp_path / "keys.json").write_text(keys_secret["stringData"][Path(args.keys).name])
+    assert _read(tmp_path / "keys.json") == [] and json.loads((tmp_path / "keys.json").read_text())
+
+    # the probes get 200 from the app without a key (a probe has none)
+    from fastapi.testclient import TestClient
+
+    app = create_app(ServeConfig(state_dir=tmp_path / "state", keys_file=tmp_path / "keys.json"))
+    with TestClient(app) as client:
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert client.get(c[probe]["httpGet"]["path"]).status_code == 200
