@@ -159,6 +159,8 @@ def evaluate(generator: Generator, benchmarks: Sequence[AnyBenchmark], protocol:
             st.begin(meta)
             done = st.load_records(ckpt, bench.name, phash)
         pending = [ex for ex in bench.examples if ex.id not in done]
+        if progress is not None:  # before any work: what was already stored is the starting point, not progress
+            progress(bench.name, len(bench) - len(pending), len(bench))
         for start in range(0, len(pending), batch_size):
             batch = pending[start:start + batch_size]
             if isinstance(bench, Benchmark):

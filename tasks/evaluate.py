@@ -58,8 +58,7 @@ def evaluate_model(cfg: PipelineConfig, benchmarks: list[Any], checkpoint: str |
         # which showed rates of millions of it/s
         bar = bars.get(bench) or bars.setdefault(bench, tqdm(total=total, initial=done, desc=f"eval {name}/{bench}",
                                                              dynamic_ncols=True))
-        bar.n = done
-        bar.refresh()
+        bar.update(done - bar.n)
 
     res = evaluate(gen, benchmarks, eval_protocol(cfg), results_dir, checkpoint=name,
                    batch_size=cfg.eval.batch_size, progress=progress)
