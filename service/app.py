@@ -1,7 +1,8 @@
 """`tuneloop serve`: the Tinker HTTP API (as spoken by the `tinker` 0.38.0 SDK) over training_core's engine.
 
 This module holds the handshake, sessions, futures (long-poll) and REST listings; the work endpoints are in
-`service.training`. Anything else under /api/v1 answers 501 naming the endpoint.
+`service.training`, checkpoint download (signed file URLs, checkpoint TTL) in `service.download`. Anything else
+under /api/v1 answers 501 naming the endpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from service import training
+from service import download, training
 from service.checkpoints import BadPathError, CheckpointStore, TinkerPath
 from service.common import Ctx, parse_model, read_json
 from service.db import ApiSession, Checkpoint, Run, Store, default_db_url
@@ -79,6 +80,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     app.state.ctx = ctx
     app.include_router(_core_router(ctx))
     app.include_router(training.build_router(ctx))
+    app.include_router(download.build_router(ctx))
     app.include_router(_not_implemented_router(ctx))
     return app
 

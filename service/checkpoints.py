@@ -16,7 +16,7 @@ from infra.storage import open_storage
 from infra.storage_local import LocalStorage
 from training_core.checkpoint import read_manifest
 
-SEGMENTS = {"weights": "training", "sampler_weights": "sampler"}
+SEGMENTS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 
 
 class BadPathError(ValueError):
@@ -35,7 +35,7 @@ class TinkerPath:
             raise BadPathError(f"{field}: {path!r} is not a tinker:// path")
         parts = path[len("tinker://"):].split("/")
         if len(parts) != 3 or not all(parts) or parts[1] not in SEGMENTS:
-            raise BadPathError(f"{field}: {path!r} is not tinker://<run_id>/(weights|sampler_weights)/<name>")
+            raise BadPathError(f"{field}: {path!r} is not tinker://<run_id>/(weights|sampler_weights|external_weights)/<name>")
         return cls(*parts)
 
     @property

@@ -265,6 +265,20 @@ def build_router(ctx: Ctx) -> APIRouter:
 
         return ordered(owner, raw, "SaveWeights", make_job)
 
+    @r.post("/save_weights_external")
+    async def save_weights_external(request: Request, owner: str = auth) -> dict[str, Any]:
+        """The adapter (no optimizer state) as a checkpoint whose files `tinker checkpoint download` fetches."""
+        raw = await read_json(request)
+
+        def make_job(model: LiveModel) -> Any:
+            req = parse_model(SaveWeightsReq, raw)
+            if raw.get("age_encryption_recipients"):
+                raise HTTPException(400, "age_encryption_recipients: encrypted exports are not supported")
+            tp = named(model, "external_weights", req.path)
+            return save_job(model, tp, False, req.ttl_seconds, req.user_metadata, True, "save_weights_external")
+
+        return ordered(owner, raw, "SaveWeightsExternal", make_job)
+
     @r.post("/save_weights_for_sampler")
     async def save_weights_for_sampler(request: Request, owner: str = auth) -> dict[str, Any]:
         raw = await read_json(request)
