@@ -39,6 +39,9 @@ class ServeConfig:
     load_dtype: str = "float32"
     poll_timeout_s: float = 25.0
     max_body_bytes: int = 256 << 20
+    backend: str = "local"  # "deepspeed": runs train on `world_size` DeepSpeed ZeRO ranks
+    world_size: int = 2
+    zero_stage: int = 2
 
     def resolved(self) -> tuple[str, str, Path]:
         db = self.db_url or default_db_url(self.state_dir)
@@ -66,6 +69,13 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     ctx = Ctx(runtime=Runtime(store, cfg.compute_dtype, cfg.load_dtype), store=store,
               ckpts=CheckpointStore(storage_uri, cfg.state_dir / "checkpoint-cache"), keys=KeyRing(keys_file),
               poll_timeout_s=cfg.poll_timeout_s, max_body_bytes=cfg.max_body_bytes)
+    if cfg.backend == "deepspeed":
+        from service.backend_deepspeed import DeepSpeedBackend
+
+        ctx.runtime.trainer = DeepSpeedBackend(cfg.state_dir / "deepspeed-scratch", world_size=cfg.world_size,
+                                               zero_stage=cfg.zero_stage, compute_dtype=cfg.compute_dtype)
+    elif cfg.backend != "local":
+        raise ValueError(f"backend must be 'local' or 'deepspeed', got {cfg.backend!r}")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
@@ -75,6 +85,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         shown = make_url(db_url).render_as_string(hide_password=True)  # never log a database password
         log.info("tuneloop serve: db %s, storage %s, keys %s", shown, storage_uri, keys_file)
         yield
+        if ctx.runtime.trainer is not None:
+            ctx.runtime.trainer.close()  # the DeepSpeed ranks stop with the server
 
     app = FastAPI(title="tuneloop serve", lifespan=lifespan)
     app.state.ctx = ctx

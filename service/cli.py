@@ -35,7 +35,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.torch_threads)
     cfg = ServeConfig(state_dir=Path(args.state_dir), db_url=args.db, storage_uri=args.storage, keys_file=keys,
-                      compute_dtype=args.dtype, load_dtype=args.dtype, max_body_bytes=args.max_body_mb << 20)
+                      compute_dtype=args.dtype, load_dtype=args.dtype, max_body_bytes=args.max_body_mb << 20,
+                      backend=args.backend, world_size=args.world_size, zero_stage=args.zero_stage)
     app = create_app(cfg)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
     return 0
@@ -85,6 +86,10 @@ def add_serve_commands(subparsers: Any) -> None:
     serve.add_argument("--torch-threads", type=int, default=0,
                        help="intra-op threads of the engine (0: torch's default); 1 is much faster on an "
                             "oversubscribed CPU, where OpenMP threads spin waiting for each other")
+    serve.add_argument("--backend", default="local", choices=["local", "deepspeed"],
+                       help="where runs train: this process's engine, or DeepSpeed ZeRO ranks (sampling stays local)")
+    serve.add_argument("--world-size", type=int, default=2, help="DeepSpeed ranks (--backend deepspeed)")
+    serve.add_argument("--zero-stage", type=int, default=2, choices=[2, 3], help="ZeRO stage (--backend deepspeed)")
     serve.add_argument("--max-body-mb", type=int, default=256, help="larger request bodies get 413")
     serve.add_argument("--log-level", default="warning")
     serve.add_argument("--access-log", action="store_true")

@@ -104,6 +104,7 @@ class Runtime:
         self.loop: asyncio.AbstractEventLoop | None = None
         # bookkeeping writes nobody waits for (heartbeats): one thread, in order
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tuneloop-serve-db")
+        self.trainer: Any = None  # `--backend deepspeed`: service.backend_deepspeed.DeepSpeedBackend
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -133,6 +134,13 @@ class Runtime:
 
         # the first use of a base loads it from disk (seconds): a thread, never the loop
         return await asyncio.to_thread(get_engine, base_model, self.compute_dtype, self.load_dtype)
+
+    async def training_engine_for(self, base_model: str) -> Engine:
+        """Where a run trains: the local engine, or (`--backend deepspeed`) the DeepSpeed ranks."""
+        if self.trainer is not None:
+            eng: Engine = await asyncio.to_thread(self.trainer.engine_for, base_model)
+            return eng
+        return await self.engine_for(base_model)
 
     # ---- futures -------------------------------------------------------------------------------
     def new_future(self, owner: str, kind: str, target: str, seq_id: int) -> FutureRec:

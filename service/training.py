@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime as dt
+import functools
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -106,7 +108,7 @@ def build_router(ctx: Ctx) -> APIRouter:
         rec = rt.new_future(owner, kind, run_id, 0)
         rt.creating[run_id] = rec
         try:
-            eng = await rt.engine_for(base)
+            eng = await rt.training_engine_for(base)
         except Exception as e:  # e.g. an unknown base model: the future reports it
             rt.creating.pop(run_id, None)
             user = isinstance(e, ValueError)
@@ -118,8 +120,7 @@ def build_router(ctx: Ctx) -> APIRouter:
             try:
                 eng.add_adapter(adapter, lora)
                 if load is not None:
-                    state_io.load_adapter_checkpoint(eng, adapter, ckpts.read_dir(load[0].prefix),
-                                                     with_optimizer=load[1])
+                    load_checkpoint(eng, adapter, ckpts.read_dir(load[0].prefix), with_optimizer=load[1])
             except BaseException:
                 eng.remove_adapter(adapter)
                 raise
@@ -235,8 +236,11 @@ def build_router(ctx: Ctx) -> APIRouter:
                     raise ValueError(f"path: checkpoint {tp} already exists (pass overwrite=True to replace it)")
                 store.delete_checkpoint(str(tp), model.owner)
                 ckpts.delete(tp.prefix)
-            state_io.save_adapter_checkpoint(eng, adapter, ckpts.write_dir(tp.prefix), with_optimizer=with_optimizer,
-                                             metadata={"ttl_seconds": ttl, "user_metadata": meta})
+            save = getattr(eng, "save_checkpoint", None)  # `--backend deepspeed`: the ranks write it
+            if save is None:
+                save = functools.partial(state_io.save_adapter_checkpoint, eng)
+            save(adapter, ckpts.write_dir(tp.prefix), with_optimizer=with_optimizer,
+                 metadata={"ttl_seconds": ttl, "user_metadata": meta})
             size = ckpts.commit(tp.prefix)
             expires = utcnow() + dt.timedelta(seconds=ttl) if ttl else None
             # the database row is what makes it "committed" for listings: written after the manifest
@@ -299,15 +303,22 @@ def build_router(ctx: Ctx) -> APIRouter:
         """An ephemeral sampler: a copy of the run's adapter at this point of its seq_id order."""
         eng, src = model.engine, model.adapter
         name = eng.new_adapter_name("snap")
+        sampling: list[Engine] = [eng]
 
         def job() -> tuple[str, bytes]:
-            eng.add_adapter(name, copy.deepcopy(eng.adapters[src].lora))
-            state_io.set_adapter_tensors(eng, name, state_io.adapter_tensors(eng, src), "snapshot")
+            nonlocal name
+            if hasattr(eng, "snapshot_for_sampler"):  # `--backend deepspeed`: sample on the local engine
+                local, name = eng.snapshot_for_sampler(src)
+                sampling[0] = local
+            else:
+                eng.add_adapter(name, copy.deepcopy(eng.adapters[src].lora))
+                state_io.set_adapter_tensors(eng, name, state_io.adapter_tensors(eng, src), "snapshot")
             store.add(SamplingSession(id=sid, owner=model.owner, base_model=model.base_model, ephemeral=True))
             return json_result({"sampling_session_id": sid, "type": "save_weights_for_sampler"})
 
         def registered() -> None:
-            rt.samplers[sid] = LiveSampler(sid, model.owner, model.base_model, eng, name, None, owned_adapter=True)
+            rt.samplers[sid] = LiveSampler(sid, model.owner, model.base_model, sampling[0], name, None,
+                                           owned_adapter=True)
             model.ephemeral.append(sid)
             rt.evict_ephemeral(model)
 
@@ -336,7 +347,7 @@ def build_router(ctx: Ctx) -> APIRouter:
             eng, adapter = model.engine, model.adapter
 
             def job() -> tuple[str, bytes]:
-                state_io.load_adapter_checkpoint(eng, adapter, ckpts.read_dir(tp.prefix), with_optimizer=req.optimizer)
+                load_checkpoint(eng, adapter, ckpts.read_dir(tp.prefix), with_optimizer=req.optimizer)
                 return json_result({"path": str(tp), "type": "load_weights"})
 
             return job
@@ -427,6 +438,13 @@ def build_router(ctx: Ctx) -> APIRouter:
         return {"request_id": rec.request_id, "sample_sequence_ids": ids}
 
     return r
+
+
+def load_checkpoint(eng: Engine, adapter: str, path: Path, *, with_optimizer: bool) -> int:
+    hook = getattr(eng, "load_checkpoint", None)  # `--backend deepspeed`: the ranks load it
+    if hook is not None:
+        return int(hook(adapter, path, with_optimizer=with_optimizer))
+    return state_io.load_adapter_checkpoint(eng, adapter, path, with_optimizer=with_optimizer)
 
 
 def sample_job(eng: Engine, adapter: str | None, req: AsampleReq) -> Any:
