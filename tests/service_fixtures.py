@@ -44,8 +44,10 @@ def offline_env(**extra: str) -> dict[str, str]:
 class Server:
     """`python -m service` on a free port; `start` again after `kill9` restarts it on the same state."""
 
-    def __init__(self, state: Path, keys: Path, db_url: str | None = None) -> None:
+    def __init__(self, state: Path, keys: Path, db_url: str | None = None, extra_args: tuple[str, ...] = (),
+                 extra_env: dict[str, str] | None = None) -> None:
         self.state, self.keys, self.db_url, self.port = state, keys, db_url, free_port()
+        self.extra_args, self.extra_env = list(extra_args), dict(extra_env or {})
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = state / "server.log"
@@ -57,8 +59,10 @@ class Server:
                "--keys", str(self.keys), "--log-level", "warning", "--max-body-mb", "4", "--torch-threads", "1"]
         if self.db_url:
             cmd += ["--db", self.db_url]
+        cmd += self.extra_args
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=offline_env(), stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=offline_env(**self.extra_env), stdout=log,
+                                         stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"server exited: {self.log.read_text()[-3000:]}"

@@ -11,13 +11,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 os.environ["TINKER_TELEMETRY"] = "0"
@@ -25,7 +23,7 @@ os.environ["TINKER_TELEMETRY"] = "0"
 import tinker  # noqa: E402
 from tinker import types  # noqa: E402
 
-from tests.service_fixtures import ROOT, Server, make_key, offline_env  # noqa: E402
+from tests.service_fixtures import Server, make_key  # noqa: E402
 from training_core import ServiceClient  # noqa: E402
 from training_core import types as core_types  # noqa: E402
 
@@ -77,28 +75,6 @@ def local_reference(root: Path, steps: int) -> list[float]:
     return out
 
 
-class DeepSpeedServer(Server):
-    """tests.service_fixtures.Server with `--backend deepspeed --world-size 2`."""
-
-    def start(self, timeout: float = 180.0) -> None:
-        cmd = [sys.executable, "-m", "service", "--port", str(self.port), "--state-dir", str(self.state),
-               "--keys", str(self.keys), "--log-level", "warning", "--max-body-mb", "4", "--torch-threads", "1",
-               "--backend", "deepspeed", "--world-size", "2", "--zero-stage", "2"]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=offline_env(DS_ACCELERATOR="cpu"), stdout=log,
-                                         stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited: {self.log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{self.url}/api/v1/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not up after {timeout}s: {self.log.read_text()[-3000:]}")
-
-
 def children(pid: int) -> set[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return {int(x) for x in out.split()}
@@ -114,11 +90,12 @@ def alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DeepSpeedServer, str]]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str]]:
     state = tmp_path_factory.mktemp("serve-ds")
     keys = state / "keys.json"
     key = make_key(keys, "alice")
-    srv = DeepSpeedServer(state, keys)
+    srv = Server(state, keys, extra_args=("--backend", "deepspeed", "--world-size", "2", "--zero-stage", "2"),
+                 extra_env={"DS_ACCELERATOR": "cpu"})
     try:
         srv.start()
         yield srv, key
@@ -126,7 +103,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DeepSpeed
         srv.stop()
 
 
-def test_deepspeed_backend_trains_resumes_and_samples(server: tuple[DeepSpeedServer, str],
+def test_deepspeed_backend_trains_resumes_and_samples(server: tuple[Server, str],
                                                       tmp_path: Path) -> None:
     srv, key = server
     sc = tinker.ServiceClient(base_url=srv.url, api_key=key)
