@@ -191,7 +191,9 @@ def test_concurrent_runs_match_the_same_run_alone(env: dict[str, Any]) -> None:
     prompt = types.ModelInput.from_ints(PROMPT)
     ref_samples = [sampler.sample(prompt, 1, types.SamplingParams(max_tokens=4, seed=i)).result(timeout=120)
                    for i in range(2)]
-    ref = train_steps(alone, 2)
+    ref = {11: train_steps(alone, 2)}
+    for seed in (12, 13, 14):  # every run alone, one after another
+        ref[seed] = train_steps(sc.create_lora_training_client(base_model=BASE, rank=4, seed=seed).result(timeout=180), 2)
     tcs = [sc.create_lora_training_client(base_model=BASE, rank=4, seed=s).result(timeout=180)
            for s in (11, 12, 13, 14)]
     losses: list[list[float]] = [[] for _ in tcs]
@@ -204,7 +206,8 @@ def test_concurrent_runs_match_the_same_run_alone(env: dict[str, Any]) -> None:
             op.result(timeout=120)
         for i, f in enumerate(samples):
             assert f.result(timeout=120).sequences[0].tokens == ref_samples[i % 2].sequences[0].tokens
-    assert losses[0] == pytest.approx(ref, rel=1e-5)
+    for seed, got in zip((11, 12, 13, 14), losses, strict=True):
+        assert got == pytest.approx(ref[seed], rel=1e-5)
     assert len({round(x[1], 4) for x in losses}) == 4  # different LoRA seeds: four different runs
 
 
