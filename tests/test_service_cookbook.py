@@ -129,3 +129,12 @@ def test_cookbook_math_rl_from_the_sft_weights_logs_rewards(cook: dict[str, Any]
     listed = {c["tinker_path"] for c in tinker_cli(cook, "checkpoint", "list", "--limit", "0")["checkpoints"]}
     assert {p for c in ckpts for p in (c["state_path"], c["sampler_path"])} <= listed
     assert sft_state in listed  # the SFT run's checkpoints are still there, in the same listing
+    # the CLI's run listing shows both runs; its delete removes a checkpoint from every later listing
+    runs = {r["training_run_id"] for r in tinker_cli(cook, "run", "list", "--limit", "0")["runs"]}
+    assert {run_id, sft_state.removeprefix("tinker://").split("/")[0]} <= runs
+    gone = ckpts[0]["state_path"]
+    out = subprocess.run([str(BIN / "tinker"), "checkpoint", "delete", "-y", gone], env=cook["env"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    left = {c["tinker_path"] for c in tinker_cli(cook, "checkpoint", "list", "--limit", "0")["checkpoints"]}
+    assert gone not in left and ckpts[-1]["state_path"] in left
