@@ -44,6 +44,8 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	  'huggingface-hub>=0.20.0' 'numpy>=1.24.0' 'pillow>=10.0.0' 'pydantic>=2.0.0' 'rich>=13.0.0' \
 	  'safetensors>=0.4.0' 'tqdm>=4.60.0'
 	$(PIP) install -q -c requirements/constraints.txt --no-deps tinker-cookbook==0.6.1
+	# lm-evaluation-harness, the reference side of bench/bench_eval_real.py (fed local files, offline at run time)
+	$(PIP) install -q -c requirements/constraints.txt lm-eval==0.4.13
 	@touch $(STAMP)
 
 install: $(STAMP)

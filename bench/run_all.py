@@ -24,7 +24,7 @@ from typing import Any
 from bench.common import REPO_ROOT, print_table
 
 RESULTS = REPO_ROOT / "bench" / "results.json"
-BENCHES = ("train", "sampling", "eval", "service")
+BENCHES = ("train", "sampling", "eval", "service", "eval_real")
 OPTIONAL = ("zero3_memory",)
 
 # figure -> (goal text, check(value, all figures))
@@ -36,6 +36,8 @@ GOALS: dict[str, tuple[str, Any]] = {
     "time_to_first_step_s_ours": ("<= TRL's", lambda v, f: v <= f.get("time_to_first_step_s_trl", float("inf"))),
     "time_to_first_step_s_trl": ("", None),
     "sample_tokens_per_s_ratio_vs_generate": (">= 2", lambda v, f: v >= 2),
+    "mc_eval_examples_per_s_ratio_vs_lm_eval": (">= 3", lambda v, f: v >= 3),
+    "gen_eval_examples_per_s_ratio_vs_generate_loop": ("", None),
     "service_step_time_ratio_vs_inprocess": ("<= 1.10", lambda v, f: v <= 1.10),
     "service_sample_time_ratio_vs_inprocess": ("<= 1.15", lambda v, f: v <= 1.15),
 }
@@ -46,6 +48,8 @@ def _args_for(name: str, quick: bool) -> list[str]:
         return ["--rounds", "4", "--warmup", "1", "--ttfs-repeats", "1"]
     if name == "eval":  # its one-prompt-at-a-time arm dominates: 16 prompts keep the suite under ~10 min
         return ["--n", "8" if quick else "16", "--batch-size", "8" if quick else "16"]
+    if name == "eval_real":  # ~3 + ~4 minutes on 2 cores; --quick: a smoke-sized run
+        return ["--mc-n", "8", "--gen-n", "4", "--chunks", "2"] if quick else ["--mc-n", "60", "--gen-n", "16", "--chunks", "2"]
     if name == "service" and quick:
         return ["--rounds", "3", "--steps", "2"]
     if name == "zero3_memory" and quick:
