@@ -27,7 +27,7 @@ from tinker import types  # noqa: E402
 
 from service.cli import main as service_cli  # noqa: E402
 from tests.s3_fixtures import s3_bucket, s3_endpoint  # noqa: E402,F401
-from tests.service_fixtures import Server  # noqa: E402
+from tests.service_fixtures import Server, offline_env  # noqa: E402
 from tests.service_fixtures import make_key as _key  # noqa: E402
 
 BASE = "tiny"
@@ -435,7 +435,9 @@ def test_checkpoint_download_cli_fetches_the_checkpoint_files(env: dict[str, Any
 
     srv: Server = env["server"]
     path = env["shared"]["state_path"]
-    cli_env = {**os.environ, "TINKER_BASE_URL": srv.url, "TINKER_API_KEY": env["alice"]}
+    # offline_env: one OpenMP thread in the CLI process too (it imports torch; seen once: an abort at its exit under
+    # load, after the download had completed)
+    cli_env = offline_env(TINKER_BASE_URL=srv.url, TINKER_API_KEY=env["alice"])
     cli = subprocess.run([str(Path(sys.executable).parent / "tinker"), "-f", "json", "checkpoint", "download", path,
                           "--output", str(tmp_path)], capture_output=True, text=True, timeout=300, env=cli_env)
     assert cli.returncode == 0, cli.stdout + cli.stderr
@@ -492,7 +494,7 @@ def test_kill9_restart_keeps_committed_checkpoints(env: dict[str, Any]) -> None:
     # the tinker CLI lists them too (one CLI process: importing the SDK alone takes seconds on a busy machine)
     cli = subprocess.run([str(Path(sys.executable).parent / "tinker"), "-f", "json", "checkpoint", "list"],
                          capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "TINKER_BASE_URL": srv.url, "TINKER_API_KEY": env["alice"]})
+                         env=offline_env(TINKER_BASE_URL=srv.url, TINKER_API_KEY=env["alice"]))
     assert cli.returncode == 0, cli.stderr
     assert env["shared"]["state_path"] in cli.stdout and json.loads(cli.stdout)
     resumed = service_client(env).create_training_client_from_state_with_optimizer(
