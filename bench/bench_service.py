@@ -32,9 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench.common import REPO_ROOT, merge_results, print_table
+from service.health import wait_healthy
 
 MODEL, RANK, T, B = "tiny-30m", 16, 256, 8
 SAMPLES, NEW_TOKENS, PROMPT_LEN = 16, 128, 32
@@ -61,17 +60,7 @@ class ServerProc:
             [sys.executable, "-m", "service", "--port", str(self.port), "--state-dir", str(self.dir),
              "--keys", str(keys), "--dtype", "bfloat16", "--torch-threads", str(threads), "--log-level", "warning"],
             cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError((self.dir / "server.log").read_text()[-3000:])
-            try:
-                if httpx.get(f"{self.url}/api/v1/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("server did not start")
+        wait_healthy(self.url, self.proc, 180, lambda: (self.dir / "server.log").read_text()[-3000:])
 
     def stop(self) -> None:
         self.proc.terminate()
