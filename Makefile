@@ -1,5 +1,6 @@
 # tuneloop: two commands do all set-up.
-#   make demo   venv + install + the SFT pipeline on embedded defaults
+#   make demo   venv + install + the SFT pipeline on embedded defaults (SmolLM2-135M, real-benchmark guards)
+#   make demo-quick   the same on the tiny random-init preset
 #   make test   venv + install + the whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -19,10 +20,10 @@ export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR := cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install sysdeps demo test lint bench clean help
+.PHONY: install sysdeps demo demo-quick test lint bench clean help
 
 help:
-	@echo "make demo | make test | make lint | make bench | make clean"
+	@echo "make demo | make demo-quick | make test | make lint | make bench | make clean"
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +53,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	PREFECT_HOME=$(CURDIR)/.tuneloop/prefect $(VENV)/bin/tuneloop demo $(ARGS)
+
+# the tiny random-init preset learning digit reversal (~3-4 min): the demo's quick twin
+demo-quick: $(STAMP)
+	PREFECT_HOME=$(CURDIR)/.tuneloop/prefect $(VENV)/bin/tuneloop demo --quick $(ARGS)
 
 # System packages the suite needs beyond the venv: headless Chromium renders the HTML report in a test;
 # PostgreSQL is the real database server of `tuneloop serve`'s restart test.

@@ -3,7 +3,8 @@
     python -m bench.bench_eval_real [--mc-n 200] [--gen-n 100] [--chunks 4] [--skip-mc] [--skip-gen]
 
 1. Log-likelihood multiple choice (MMLU, seeded stratified subset, 5-shot, letters): ours
-   (`evaluate_suite` -> the shared-context scorer over the training_core sampling client) vs
+   (`evaluate_suite` -> `HFLoglikScorer` over the training_core sampling client: the 5-shot prefix of a
+   subject run once and its KV cache reused, suffixes batched, LM head only at scored positions) vs
    lm-evaluation-harness 0.4.13 (`HFLM`, its `hf` backend, on the same HF model dir, batch size 1 = its
    default) on the *same* examples: the bench writes them to a local JSONL file and hands lm-eval a task
    config dict (`dataset_path: json`, `doc_to_text: context`, `doc_to_choice: choices`, `target_delimiter: " "`,
@@ -15,8 +16,8 @@
    prompt at a time, same prompt tokens (our renderer's), same greedy decoding, same grader, both through
    `evals.runner.evaluate`.
 
-The examples are split into `--chunks` chunks and the sides alternate chunk by chunk (A, B, A, B, ...), so
-load from other processes hits both alike; examples/s = n / summed time. Model load is outside the timing
+The examples are split into `--chunks` chunks (MMLU: cut at subject boundaries) and the sides alternate
+chunk by chunk (A, B, A, B, ...), so load from other processes hits both alike; examples/s = n / summed time. Model load is outside the timing
 on both sides. 1 torch thread everywhere (OMP_NUM_THREADS=1). Figures go to bench/results.json.
 """
 
@@ -53,6 +54,21 @@ def _chunks(xs: list[Any], k: int) -> list[list[Any]]:
     k = max(1, min(k, len(xs)))
     size = -(-len(xs) // k)
     return [xs[i:i + size] for i in range(0, len(xs), size)]
+
+
+def _chunks_by(xs: list[Any], k: int, key: Any) -> list[list[Any]]:
+    """~k chunks of about equal size, each cut moved to the nearest change of `key` (an MMLU subject), so
+    that no chunk boundary splits a subject's shared 5-shot prefix (lm-eval is indifferent to the cuts)."""
+    k = max(1, min(k, len(xs)))
+    changes = [i for i in range(1, len(xs)) if key(xs[i]) != key(xs[i - 1])]
+    cuts: list[int] = []
+    for j in range(1, k):
+        ideal = round(j * len(xs) / k)
+        best = min(changes, key=lambda c: abs(c - ideal)) if changes else ideal
+        if (not cuts or best > cuts[-1]) and 0 < best < len(xs):
+            cuts.append(best)
+    bounds = [0, *cuts, len(xs)]
+    return [xs[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def _subset(bench: Any, examples: list[Any]) -> Any:
@@ -120,7 +136,7 @@ def bench_mc(n: int, seed: int, chunks: int, tmp: Path) -> dict[str, Any]:
         other_name = "plain_loop"
         hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
         enc = HFLoglikScorer.from_generator(gen)  # only its encode_pair (lm-eval's tokenisation) is used
-    parts = _chunks(list(bench.examples), chunks)
+    parts = _chunks_by(list(bench.examples), chunks, key=lambda e: e.meta.get("subject"))
     files = []
     for i, part in enumerate(parts):
         f = tmp / f"mmlu_chunk{i}.jsonl"
@@ -130,20 +146,25 @@ def bench_mc(n: int, seed: int, chunks: int, tmp: Path) -> dict[str, Any]:
         files.append(f)
     # warm-up both sides on one example (allocator, kernels, lm-eval's task machinery)
     evaluate_suite(gen, [_subset(bench, parts[0][:1])], EvalProtocol())
+    scorer = HFLoglikScorer.from_generator(gen)  # what evaluate_suite builds itself; kept for its token counts
     warm = tmp / "mmlu_warm.jsonl"
     warm.write_text(files[0].read_text().splitlines()[0] + "\n")
+    ctx_tokens = sum(len(scorer.encode_pair(e.messages[0]["content"], " A")[0]) for e in bench.examples)
+    scorer.stats = {"tokens": 0, "calls": 0, "prefix_tokens": 0}
+    load_start = round(os.getloadavg()[0], 2)
     ours_lp: list[list[float]] = []
     other_lp: list[list[float]] = []
-    t_ours = t_other = 0.0
+    t_ours = t_other = c_ours = c_other = 0.0  # wall and process CPU seconds (all threads: the engine's too)
     if use_lm_eval:
         _run_lm_eval(lm, tm, warm, "mmlu_local_warm")
     for i, part in enumerate(parts):
-        t = time.perf_counter()
-        res = evaluate_suite(gen, [_subset(bench, part)], EvalProtocol()).benchmarks[bench.name]
+        t, c = time.perf_counter(), time.process_time()
+        res = evaluate_suite(gen, [_subset(bench, part)], EvalProtocol(), scorer=scorer).benchmarks[bench.name]
         t_ours += time.perf_counter() - t
+        c_ours += time.process_time() - c
         ours_lp += [list(res.records[e.id].extra["logprobs"]) if "logprobs" in res.records[e.id].extra
                     else [] for e in part]
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         if use_lm_eval:
             other_lp += _run_lm_eval(lm, tm, files[i], f"mmlu_local_{i}")
         else:
@@ -151,7 +172,12 @@ def bench_mc(n: int, seed: int, chunks: int, tmp: Path) -> dict[str, Any]:
                 other_lp += [plain_loop_logprobs(hf, enc, e.messages[0]["content"],
                                                  [" " + str(c) for c in e.meta["choices"]]) for e in part]
         t_other += time.perf_counter() - t
-        print(f"  mc chunk {i + 1}/{len(parts)}: ours {t_ours:.1f}s, {other_name} {t_other:.1f}s", flush=True)
+        c_other += time.process_time() - c
+        done_n = sum(len(p) for p in parts[:i + 1])
+        print(f"  mc chunk {i + 1}/{len(parts)} ({done_n} examples): ours {t_ours:.1f}s, {other_name} {t_other:.1f}s, "
+              f"ratio so far {t_other / t_ours:.3f} (CPU {c_ours:.1f}s vs {c_other:.1f}s: {c_other / c_ours:.3f}), "
+              f"model tokens ours {scorer.stats['tokens']}, "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
     exs = list(bench.examples)
 
     def acc(lps: list[list[float]], metric: str) -> float:
@@ -169,9 +195,16 @@ def bench_mc(n: int, seed: int, chunks: int, tmp: Path) -> dict[str, Any]:
             "examples_per_s_ours": round(len(exs) / t_ours, 4),
             f"examples_per_s_{other_name}": round(len(exs) / t_other, 4),
             "seconds_ours": round(t_ours, 1), f"seconds_{other_name}": round(t_other, 1),
+            # CPU seconds of the process while each side ran: robust to other jobs taking the cores
+            "cpu_seconds_ours": round(c_ours, 1), f"cpu_seconds_{other_name}": round(c_other, 1),
+            "cpu_time_ratio": round(c_other / c_ours, 3),
             "acc_ours": acc(ours_lp, "acc"), f"acc_{other_name}": acc(other_lp, "acc"),
             "acc_norm_ours": acc(ours_lp, "acc_norm"), f"acc_norm_{other_name}": acc(other_lp, "acc_norm"),
             "max_abs_logprob_diff": max_diff, "loadavg_1m_end": round(os.getloadavg()[0], 2),
+            "loadavg_1m_start": load_start, "chunk_sizes": [len(p) for p in parts],
+            # ours: tokens through the model (padding included) vs the contexts' total (what lm-eval runs)
+            "model_tokens_ours": scorer.stats["tokens"], "context_tokens_total": ctx_tokens,
+            "forward_calls_ours": scorer.stats["calls"],
         },
     }
 

@@ -25,7 +25,8 @@ from bench.common import REPO_ROOT, print_table
 
 RESULTS = REPO_ROOT / "bench" / "results.json"
 BENCHES = ("train", "sampling", "eval", "service", "eval_real")
-OPTIONAL = ("zero3_memory",)
+# long (TRL sides, 1M rows, whole pipeline runs): `--all` or `--only`
+OPTIONAL = ("zero3_memory", "rl", "dpo", "distill", "data", "sweep")
 
 # figure -> (goal text, check(value, all figures))
 GOALS: dict[str, tuple[str, Any]] = {
@@ -40,10 +41,20 @@ GOALS: dict[str, tuple[str, Any]] = {
     "gen_eval_examples_per_s_ratio_vs_generate_loop": ("", None),
     "service_step_time_ratio_vs_inprocess": ("<= 1.10", lambda v, f: v <= 1.10),
     "service_sample_time_ratio_vs_inprocess": ("<= 1.15", lambda v, f: v <= 1.15),
+    "rl_iteration_tokens_per_s_ratio_vs_trl_grpo": (">= 2", lambda v, f: v >= 2),
+    "rl_sampler_tokens_per_s_ratio_vs_generate_bs16": ("", None),
+    "rl_sampler_tokens_per_s_ratio_vs_generate_bs64": ("", None),
+    "rl_sampler_tokens_per_s_ratio_vs_generate_bs128": ("", None),
+    "dpo_step_tokens_per_s_ratio_vs_trl": (">= 1.5", lambda v, f: v >= 1.5),
+    "data_prepare_rows_per_s_ratio": (">= 2", lambda v, f: v >= 2),
+    "data_prepare_peak_rss_mib_1m": ("< 2048", lambda v, f: v < 2048),
+    "sweep_overhead_ratio": ("<= 1.05", lambda v, f: v <= 1.05),
 }
 
 
 def _args_for(name: str, quick: bool) -> list[str]:
+    if name == "rl" and quick:
+        return ["--rounds", "1", "--warmup", "1", "--sampler-repeats", "1", "--trl-precisions", "bf16"]
     if name == "train" and quick:
         return ["--rounds", "4", "--warmup", "1", "--ttfs-repeats", "1"]
     if name == "eval":  # its one-prompt-at-a-time arm dominates: 16 prompts keep the suite under ~10 min

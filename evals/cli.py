@@ -1,5 +1,8 @@
 """`tuneloop eval` and `tuneloop compare` subcommands, registered on the lead's argparse CLI.
 
+`compare A B` gates B against A; `compare SWEEP` or `compare R1 R2 R3 ...` prints the paired leaderboard of
+evals/leaderboard.py (runs: pipeline run dirs, result folders, MLflow run ids, a sweep id or dir).
+
     from evals.cli import add_eval_commands, set_generator_factory
     set_generator_factory(lambda checkpoint_path: MyGenerator(checkpoint_path))
     add_eval_commands(subparsers)
@@ -199,7 +202,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    """`compare` with one ref (a sweep) or more than two: the paired leaderboard (evals/leaderboard.py)."""
+    from evals.leaderboard import leaderboard, resolve_refs
+
+    try:
+        runs, base = resolve_refs(args.refs, sweep_root=args.sweep_root, mlflow_loader=_from_mlflow_run)
+        if len(runs) < 2:
+            raise CliError(f"{args.refs}: a leaderboard needs at least two runs, found {len(runs)}")
+        policy = GatePolicy.from_yaml(args.gate) if args.gate else GatePolicy()
+        lb = leaderboard(runs, base, benchmark=args.benchmark, policy=policy)
+    except (CliError, ProtocolMismatchError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(lb.to_dict(), indent=2, sort_keys=True) if args.json else lb.format_table())
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
+    if len(args.refs) != 2 or args.leaderboard:
+        return _cmd_leaderboard(args)
+    args.a, args.b = args.refs
     try:
         suite = _suite(args)
         gate = _gate_for(args, suite)
@@ -247,9 +270,15 @@ def add_eval_commands(subparsers: Any) -> None:
     pe.add_argument("checkpoint", help="checkpoint path or name, passed to the generator factory")
     _common(pe)
     pe.set_defaults(func=_cmd_eval)
-    pc = subparsers.add_parser("compare", help="paired comparison of two checkpoints / result folders + gate")
-    pc.add_argument("a", help="baseline: result folder, checkpoint, or MLflow run `runs:/ID[/CKPT]` (CKPT: trained)")
-    pc.add_argument("b", help="candidate: same forms as A")
+    pc = subparsers.add_parser("compare", help="paired comparison of two checkpoints / result folders + gate; "
+                               "with one sweep or 3+ runs, a paired leaderboard")
+    pc.add_argument("refs", nargs="+", metavar="RUN",
+                    help="two refs A (baseline) B (candidate): result folder, checkpoint, or MLflow run "
+                    "`runs:/ID[/CKPT]` (CKPT: trained), gated; one sweep (id or dir) or 3+ runs (pipeline run "
+                    "dirs, result folders, MLflow run ids, sweep ids): the leaderboard")
+    pc.add_argument("--leaderboard", action="store_true", help="print the leaderboard for two runs as well")
+    pc.add_argument("--benchmark", default="target", help="leaderboard: the benchmark ranked (default: target)")
+    pc.add_argument("--sweep-root", default=".tuneloop/sweeps", help="leaderboard: where sweep ids are looked up")
     _common(pc)
     pc.add_argument("--gate", help="gate policy YAML (targets, guards, margins); default: the suite's gate, else "
                     "the gate a compared pipeline run (runs:/...) recorded")

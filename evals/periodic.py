@@ -1,8 +1,16 @@
-"""Eval during training: run a (small) suite every N steps on the current weights."""
+"""Eval during training: run a (small) suite every N steps on the current weights.
+
+Pruning hook: inside `listening(fn)`, every periodic evaluation calls `fn(step, metrics)` after logging; `fn`
+may raise `TrialPruned` to stop the training (a sweep's pruner does, flows/sweep.py). The listener is a
+contextvar, so it reaches the train task of a pipeline started in the same thread / Prefect task and nothing
+else (a concurrent trial has its own); a training run in a child process (`train.subprocess`) does not see it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from evals.benchmarks import AnyBenchmark
@@ -11,6 +19,26 @@ from evals.runner import EvalResult, evaluate
 from evals.store import ResultStore
 
 LogFn = Callable[[dict[str, float], int], None]
+Listener = Callable[[int, dict[str, float]], None]
+
+
+class TrialPruned(Exception):
+    """A listener stopped the training early (e.g. a sweep trial the pruner gave up on)."""
+
+    no_retry = True  # the pipeline's retry condition skips it: a retry would be pruned again
+
+
+eval_listener: ContextVar[Listener | None] = ContextVar("tuneloop_eval_listener", default=None)
+
+
+@contextmanager
+def listening(fn: Listener | None) -> Iterator[None]:
+    """Periodic evaluations run inside call `fn(step, metrics)` (see the module docstring)."""
+    token = eval_listener.set(fn)
+    try:
+        yield
+    finally:
+        eval_listener.reset(token)
 
 
 class PeriodicEvaluator:
@@ -58,4 +86,7 @@ class PeriodicEvaluator:
                 metrics[f"eval/{name}/ppl"] = float(s["perplexity"])
         if self.log_fn is not None:
             self.log_fn(metrics, step)
+        listener = eval_listener.get()
+        if listener is not None:  # after logging: a pruned run's last evaluation is in MLflow too
+            listener(step, metrics)
         return metrics

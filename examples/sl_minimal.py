@@ -1,5 +1,5 @@
 """The smallest supervised loop over tuneloop's primitives (rung 1 of the ladder; the full loop is
-`tasks/train.py`, the pipeline `flows/sft_pipeline.py`).
+`recipes/sft.py`, the pipeline `flows/sft_pipeline.py`).
 
     python examples/sl_minimal.py --steps 60
 

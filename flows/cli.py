@@ -4,6 +4,7 @@
     tuneloop deployments create --work-pool tuneloop      # then: prefect worker start --pool tuneloop
     tuneloop deployments run scheduled [--wait]
     tuneloop data push FILE [--eval FILE] [--to URI] [--wait] [--set k=v ...]   # = deployments push
+    (FILE: JSONL, JSON, Parquet, CSV, an Arrow dir, org/name[:split] or s3://; data.columns.messages=COL maps)
 
 `push` validates the dataset, stores it as a committed drop (<to>/<drop_id>/train.jsonl, eval.jsonl,
 manifest.json last) and starts the data-triggered deployment through the Prefect API when PREFECT_API_URL
@@ -60,30 +61,47 @@ def split_holdout(rows: Rows, frac: float, where: str) -> tuple[Rows, Rows]:
 
 
 def push_dataset(train_file: str, eval_file: str | None = None, to: str | None = None,
-                 drop_id: str | None = None, holdout: float = 0.1) -> tuple[str, str, str]:
-    """Validate and store a dataset as a committed drop; returns (drop_id, train_uri, eval_uri)."""
+                 drop_id: str | None = None, holdout: float = 0.1,
+                 columns: dict[str, str] | None = None) -> tuple[str, str, str]:
+    """Validate and store a dataset as a committed drop; returns (drop_id, train_uri, eval_uri).
+
+    Any format `tasks.data_io` loads (JSONL, JSON, Parquet, CSV, Arrow dir, org/name[:split], s3://), with
+    `columns` mapping the user's column names; a drop is always chat JSONL (what the retrain flow reads):
+    local JSONL files without a mapping are stored byte for byte, anything else as the validated rows."""
     from flows.retrain import EVAL_NAME, TRAIN_NAME, safe_name
     from infra.storage import open_storage
-    from tasks.prepare_data import read_chat_jsonl
+    from tasks.prepare_data import is_jsonl, read_chat_rows_with_sources
 
-    rows = read_chat_jsonl(train_file)  # every row checked; errors name file, line, field
+    # every row checked; errors name file and line (JSONL) or row index (columnar), and the field
+    rows = [r for _, r in read_chat_rows_with_sources(train_file, columns=columns)]
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    drop_id = drop_id or f"{stamp}-{safe_name(Path(train_file).stem)}"
+    drop_id = drop_id or f"{stamp}-{safe_name(Path(train_file.rstrip('/')).stem.partition(':')[0])}"
     st = open_storage(to or default_data_uri())
+
+    def store(path: Path, src: str, part: Rows) -> None:
+        if is_jsonl(src) and not columns:
+            path.write_bytes(Path(src).read_bytes())
+        else:
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
+
     with tempfile.TemporaryDirectory(prefix="tuneloop-push-") as tmp:
         d = Path(tmp)
         if eval_file:
-            read_chat_jsonl(eval_file, need_answer=True)
-            (d / TRAIN_NAME).write_bytes(Path(train_file).read_bytes())
-            (d / EVAL_NAME).write_bytes(Path(eval_file).read_bytes())
+            evl = [r for _, r in read_chat_rows_with_sources(eval_file, need_answer=True, columns=columns)]
+            store(d / TRAIN_NAME, train_file, rows)
+            store(d / EVAL_NAME, eval_file, evl)
         else:
             train, evl = split_holdout(rows, holdout, train_file)
             for name, part in ((TRAIN_NAME, train), (EVAL_NAME, evl)):
                 (d / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
-        meta = {"source_train": str(Path(train_file).resolve()),
-                "source_eval": str(Path(eval_file).resolve()) if eval_file else f"holdout {holdout}"}
+        meta = {"source_train": _where(train_file),
+                "source_eval": _where(eval_file) if eval_file else f"holdout {holdout}"}
         st.upload_dir(d, drop_id, metadata=meta)  # manifest written last: watchers never see half a drop
     return drop_id, st.uri(f"{drop_id}/{TRAIN_NAME}"), st.uri(f"{drop_id}/{EVAL_NAME}")
+
+
+def _where(spec: str) -> str:
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec  # s3:// and hub ids as given
 
 
 def format_outcome(o: RetrainOutcome) -> str:
@@ -113,7 +131,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     data_cfg = load_config(PipelineConfig, args.config, [*args.overrides, f"data.train_file={args.file}",
                                                          f"data.eval_file={args.eval or ''}"])
     check_data(data_cfg, require_eval=False)
-    drop_id, train_uri, eval_uri = push_dataset(args.file, args.eval, args.to, args.drop_id, args.holdout)
+    drop_id, train_uri, eval_uri = push_dataset(args.file, args.eval, args.to, args.drop_id, args.holdout,
+                                                columns=data_cfg.data.columns)
     print(f"pushed drop {drop_id}: {train_uri} + {eval_uri}")
     if args.no_trigger:
         return EXIT_OK

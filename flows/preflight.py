@@ -6,7 +6,9 @@
 
 The data checks are the ones the run itself applies later (row schema, `data.max_length` in `build_datums`,
 the blocking checks of `evals.data_quality`, train/eval leaks), run here on the same rows in the same order,
-so a dataset this accepts is never refused mid-run, and one the run would refuse is refused here.
+so a dataset this accepts is never refused mid-run, and one the run would refuse is refused here. Every
+format `tasks.data_io` loads is accepted (JSONL rows are named file:line, columnar ones "file row i"), with
+`data.columns` mapping the user's column names.
 """
 
 from __future__ import annotations
@@ -188,6 +190,18 @@ def _build(cfg: PipelineConfig, require_eval: bool) -> tuple[tuple[list[Any], li
     return build_rows_with_sources(d, require_eval=require_eval)
 
 
+def _loadable(path: str) -> bool:
+    """A file, a directory holding a dataset, or a remote id (checked when it is loaded)."""
+    p = Path(path)
+    if p.is_file() or path.startswith("s3://"):
+        return True
+    if p.is_dir():
+        return any(f.suffix in (".jsonl", ".json", ".parquet", ".csv", ".arrow") for f in p.rglob("*"))
+    from tasks.data_io import is_hub_id
+
+    return is_hub_id(path)
+
+
 def check_data(cfg: PipelineConfig, tokenizer: Any = None, require_eval: bool = True) -> DataCheck:
     """Everything the run checks on its data, reported at the user's file and line; raises PreflightError.
 
@@ -199,9 +213,10 @@ def check_data(cfg: PipelineConfig, tokenizer: Any = None, require_eval: bool = 
 
     d = cfg.data
     for path, what in ((d.replay, "data.replay"),):
-        if path and path != "auto" and not path.startswith("builtin:") and not Path(path).is_file():
-            kind = "is a directory" if Path(path).is_dir() else "file not found"
-            raise PreflightError(f"{what}={path}: {kind} (give a chat JSONL, '' for none, or auto)")
+        if path and path != "auto" and not path.startswith("builtin:") and not _loadable(path):
+            kind = "is a directory without a dataset" if Path(path).is_dir() else "file not found"
+            raise PreflightError(f"{what}={path}: {kind} (give a chat dataset: JSONL, JSON, Parquet, CSV, an "
+                                 f"Arrow dir, org/name or s3://; '' for none, or auto)")
     (train, t_src), (evl, e_src) = _build(cfg, require_eval)
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model.base_model)
     renderer = get_renderer(d.renderer, tok)
@@ -250,14 +265,14 @@ def check_data(cfg: PipelineConfig, tokenizer: Any = None, require_eval: bool = 
 
 def check_eval_file(cfg: PipelineConfig, path: str, tokenizer: Any = None) -> DataCheck:
     """An eval file alone: rows with an 'answer', and the first eval_loss_examples within data.max_length."""
-    from tasks.prepare_data import read_chat_jsonl_lines
+    from tasks.prepare_data import read_chat_rows_with_sources
     from training_core.renderers import TrainOnWhat, get_renderer
 
-    lines = read_chat_jsonl_lines(path, need_answer=True)
+    lines = read_chat_rows_with_sources(path, need_answer=True, columns=cfg.data.columns)
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model.base_model)
     renderer = get_renderer(cfg.data.renderer, tok)
     head = lines[: cfg.train.eval_loss_examples]
-    src = [f"{path}:{n}" for n, _ in head]
+    src = [s for s, _ in head]
     r = _rendered([row for _, row in head], src,
                   lambda m: renderer.build_supervised_example(m, TrainOnWhat(cfg.data.train_on_what)))
     long = _overlong(r, src, cfg.data.max_length)
@@ -277,8 +292,8 @@ def check_sft_run(cfg: PipelineConfig, run_name: str) -> tuple[bool, DataCheck]:
     if cfg.init_from:
         check_checkpoint(cfg.init_from)
         local = Path(cfg.init_from.removeprefix("file://")).expanduser()
-        if local.is_dir():  # training from a checkpoint uses its base model's tokenizer (tasks.train.adopt_init_from)
-            from tasks.train import checkpoint_model_values
+        if local.is_dir():  # training from a checkpoint uses its base model's tokenizer (recipes.common.adopt_init_from)
+            from recipes.common import checkpoint_model_values
             from training_core.checkpoint import CheckpointError
 
             try:
@@ -290,8 +305,9 @@ def check_sft_run(cfg: PipelineConfig, run_name: str) -> tuple[bool, DataCheck]:
             base = ck.get("base_model_path") or ck.get("base_model")
             tokenizer = load_tokenizer(base if base and Path(base).is_dir() else ck["base_model"])
     from evals.builtin import BUILTIN
+    from tasks.evaluate import unknown_guards
 
-    unknown = [g for g in cfg.eval.guards if g not in BUILTIN]
-    if unknown:
-        raise PreflightError(f"eval.guards={list(cfg.eval.guards)}: unknown {unknown}; known: {sorted(BUILTIN)}")
+    if unknown := unknown_guards(list(cfg.eval.guards)):  # built-ins and real benchmarks (arc_easy, ...)
+        raise PreflightError(f"eval.guards={list(cfg.eval.guards)}: unknown {unknown}; known: {sorted(BUILTIN)} "
+                             f"and the real benchmarks (evals/BENCHMARKS.md)")
     return resumes, check_data(cfg, tokenizer)

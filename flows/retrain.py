@@ -154,7 +154,7 @@ def fetch_drop(drop: DataDrop, dest: str | Path) -> tuple[str, str]:
 def stage_checkpoint(uri: str, dest: Path) -> None:
     """A verified local copy of a stored checkpoint that is itself committed (manifest.json included).
 
-    WHY: tasks/train.py looks for `<run_dir>/init/manifest.json` before downloading `init_from`, but
+    WHY: recipes/common.local_checkpoint looks for `<run_dir>/init/manifest.json` before downloading `init_from`, but
     Storage.download_dir does not write the manifest, so training_core would reject the copy; staging it
     here makes `init_from=<storage URI>` work (and verifies every file's sha256 on the way).
     """

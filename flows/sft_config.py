@@ -62,6 +62,11 @@ class DataConfig:
         "last_assistant_message", description="which tokens carry loss weight")
     max_length: int = Field(128, ge=2, description="max tokens of one rendered example; longer rows are "
                             "refused (truncation would drop the end-of-turn token)")
+    columns: dict[str, str] = Field(default_factory=dict, description="map our field names to your columns, "
+                                    "e.g. data.columns.messages=conversation (ShareGPT from/value turns are "
+                                    "converted); train/eval/replay files may be JSONL, JSON, Parquet, CSV, an "
+                                    "Arrow dir, a dataset dir, org/name[:split] or s3://")
+    num_proc: int = Field(1, ge=1, description="processes that render and tokenize the dataset (datasets.map)")
 
 
 @dataclass(config=_CFG)

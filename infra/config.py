@@ -149,12 +149,16 @@ def read_yaml(path: str | Path, origins: Origins | None = None) -> dict[str, Any
     return loaded
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
-    """Defaults <- YAML file <- `key.sub=value` overrides (values parsed as YAML scalars), then validated."""
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None,
+                base: str | Path | None = None) -> C:
+    """Defaults <- `base` YAML (e.g. the demo's) <- YAML file <- `key.sub=value` overrides (values parsed as
+    YAML scalars), then validated."""
     data: dict[str, Any] = to_dict(cls())
     origins: Origins = {}
+    if base is not None:
+        _deep_update(data, read_yaml(base, origins), cls)
     if path is not None:
-        _deep_update(data, read_yaml(path, origins))
+        _deep_update(data, read_yaml(path, origins), cls)
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like key.sub=value")
@@ -165,10 +169,19 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     return from_dict(cls, data, origins=origins)
 
 
-def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> None:
+def _deep_update(base: dict[str, Any], new: dict[str, Any], cls: Any = None) -> None:
+    """Merge YAML into the defaults: config sections (dataclass fields) merge key by key; a dict-valued knob
+    (e.g. `data.task_kwargs`) is replaced whole, as its override is: merging would keep default keys the
+    YAML's value does not have."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls) if cls is not None and dataclasses.is_dataclass(cls) else {}
     for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_update(base[k], v)
+        sub = hints.get(k)
+        section = sub is not None and dataclasses.is_dataclass(sub)
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and (section or cls is None):
+            _deep_update(base[k], v, sub if section else None)
         else:
             base[k] = v
 

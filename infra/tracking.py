@@ -7,6 +7,11 @@ Resume: a run started with a `key` (the pipeline: its run directory) is continue
 pipeline runs again after a kill: the killed process's MLflow run (left RUNNING) and its nested stage runs are
 reopened, so a resumed training logs into the same loss curve. Steps between the resume checkpoint and the kill
 are logged twice; the later value (the one the final model went through) is the last of that step.
+
+Adoption: inside `child_of(parent_run_id)` (a contextvar, so it follows a thread, a Prefect task or a
+`contextvars.copy_context()` run and nothing else), a top-level run becomes a child of that run (MLflow's
+`mlflow.parentRunId` tag): a sweep's trials, each a whole pipeline run, show under the sweep's run. The run
+itself stays top-level in every other respect (its stages nest under it; a FINISHED one is not reopened).
 """
 
 from __future__ import annotations
@@ -16,13 +21,27 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 DEFAULT_DB = ".tuneloop/mlflow.db"
 RUN_KEY_TAG = "tuneloop.run_key"
 RESUMED_TAG = "tuneloop.resumed"  # how many times the run was continued after its process died
+PARENT_TAG = "mlflow.parentRunId"
 _KEY_RE = re.compile(r"[A-Za-z0-9._-]+")  # goes into a filter string unquoted-safe
+# the run a top-level `run()` is adopted by (see the module docstring); None: a real top-level run
+parent_run_id: ContextVar[str | None] = ContextVar("tuneloop_parent_run_id", default=None)
+
+
+@contextmanager
+def child_of(run_id: str | None) -> Iterator[None]:
+    """Top-level `run()`s started inside become children of `run_id` (None: no adoption)."""
+    token = parent_run_id.set(run_id)
+    try:
+        yield
+    finally:
+        parent_run_id.reset(token)
 
 
 def default_tracking_uri() -> str:
@@ -56,22 +75,24 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def find_resumable(key: str, parent_run_id: str | None) -> str | None:
+def find_resumable(key: str, parent_run_id: str | None, top_level: bool | None = None) -> str | None:
     """The newest run of the active experiment with this key and parent that should be continued: a top-level
     run unless it FINISHED (then a new one starts), a nested run whatever its status (its parent is being
-    continued, so its stage is being re-run)."""
+    continued, so its stage is being re-run). `top_level` (default: no parent) says which rule applies: an
+    adopted run (`child_of`) has a parent but the top-level rule."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    top = parent_run_id is None if top_level is None else top_level
     exp = mlflow.tracking.fluent._get_experiment_id()
     query = f"tags.`{RUN_KEY_TAG}` = '{key}'"
     if parent_run_id is not None:  # in the filter: a stage key ("train") is shared by every pipeline run
-        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+        query += f" and tags.`{PARENT_TAG}` = '{parent_run_id}'"
     runs = MlflowClient().search_runs([exp], query, order_by=["attributes.start_time DESC"])
     for r in runs:
-        if r.data.tags.get("mlflow.parentRunId") != parent_run_id:
+        if r.data.tags.get(PARENT_TAG) != parent_run_id:
             continue
-        if parent_run_id is None and r.info.status == "FINISHED":
+        if top and r.info.status == "FINISHED":
             return None
         return r.info.run_id
     return None
@@ -85,13 +106,16 @@ def run(name: str, nested: bool = False, tags: dict[str, str] | None = None, key
     from mlflow.tracking import MlflowClient
 
     tags = dict(tags or {})
+    adopted = None if nested else parent_run_id.get()
+    if adopted:
+        tags[PARENT_TAG] = adopted
     resume_id = None
     if key is not None:
         if not _KEY_RE.fullmatch(key):
             raise ValueError(f"tracking key {key!r}: use letters, digits, '.', '_', '-'")
         tags[RUN_KEY_TAG] = key
         parent = mlflow.active_run() if nested else None
-        resume_id = find_resumable(key, parent.info.run_id if parent else None)
+        resume_id = find_resumable(key, parent.info.run_id if parent else adopted, top_level=not nested)
     if resume_id is None:
         with mlflow.start_run(run_name=name, nested=nested, tags=tags) as r:
             yield r

@@ -10,8 +10,7 @@ from typing import Any
 from evals.benchmarks import Benchmark, Example
 from evals.graders import make_grader
 from evals.protocols import EvalProtocol
-from evals.runner import EvalResult, evaluate
-from flows.sft_config import PipelineConfig
+from evals.runner import EvalResult
 from training_core import ServiceClient
 from training_core.textgen import SamplingGenerator
 
@@ -26,15 +25,41 @@ def target_benchmark(eval_path: str, n: int, name: str = "target") -> Benchmark:
     return Benchmark(name, examples, make_grader(DEFAULT_GRADER), description="held-out split of the training task")
 
 
-def guard_benchmarks(cfg: PipelineConfig) -> list[Any]:
-    from evals.builtin import builtin_benchmark
+def guard_benchmarks(cfg: Any) -> list[Any]:
+    """The configured guards: built-ins (generated) and real benchmarks by name (evals/benchmarks_real: e.g.
+    arc_easy, hellaswag by log-likelihood, a seeded stratified subset of `guard_examples`); `builtin:NAME`
+    picks the built-in where both exist (ifeval)."""
+    from evals.benchmarks_real.run import resolve_benchmark
 
-    return [builtin_benchmark(name, cfg.eval.guard_examples, seed=cfg.eval.seed) for name in cfg.eval.guards]
+    n = cfg.eval.guard_examples
+    return [resolve_benchmark(name, n=n, seed=cfg.eval.seed, limit=n) for name in cfg.eval.guards]
 
 
-def eval_protocol(cfg: PipelineConfig) -> EvalProtocol:
+def renderer_of(cfg: Any) -> str:
+    """The renderer of any recipe's config: `.data.renderer` (SFT), `.env.renderer` (RL) or `.renderer`."""
+    for section in ("data", "env"):
+        r = getattr(getattr(cfg, section, None), "renderer", None)
+        if r:
+            return str(r)
+    return str(cfg.renderer)
+
+
+def unknown_guards(guards: list[str]) -> list[str]:
+    """Guard names that are neither a built-in nor a real benchmark (pre-flight refuses them)."""
+    from evals.benchmarks_real.loaders import REAL_BENCHMARKS
+    from evals.builtin import BUILTIN
+
+    return [g for g in guards if g.removeprefix("builtin:") not in BUILTIN and g not in REAL_BENCHMARKS]
+
+
+def guard_names(guards: list[str]) -> list[str]:
+    """The benchmark names the guards' results carry (`builtin:ifeval` -> `ifeval`)."""
+    return [g.removeprefix("builtin:") for g in guards]
+
+
+def eval_protocol(cfg: Any) -> EvalProtocol:
     e = cfg.eval
-    return EvalProtocol(renderer=cfg.data.renderer, max_tokens=e.max_tokens, temperature=e.temperature,
+    return EvalProtocol(renderer=renderer_of(cfg), max_tokens=e.max_tokens, temperature=e.temperature,
                         top_p=e.top_p, seed=e.seed)
 
 
@@ -45,11 +70,13 @@ def make_generator(service: ServiceClient, base_model: str, checkpoint: str | No
     return SamplingGenerator(client, name, renderer=renderer, batch_size=batch_size)
 
 
-def evaluate_model(cfg: PipelineConfig, benchmarks: list[Any], checkpoint: str | None, name: str,
+def evaluate_model(cfg: Any, benchmarks: list[Any], checkpoint: str | None, name: str,
                    results_dir: str | Path, service: ServiceClient | None = None) -> EvalResult:
     service = service or ServiceClient(compute_dtype=cfg.model.compute_dtype)
-    gen = make_generator(service, cfg.model.base_model, checkpoint, name, cfg.data.renderer, cfg.eval.batch_size)
+    gen = make_generator(service, cfg.model.base_model, checkpoint, name, renderer_of(cfg), cfg.eval.batch_size)
     from tqdm.auto import tqdm
+
+    from evals.benchmarks_real.run import evaluate_suite
 
     bars: dict[str, Any] = {}
 
@@ -60,8 +87,9 @@ def evaluate_model(cfg: PipelineConfig, benchmarks: list[Any], checkpoint: str |
                                                              dynamic_ncols=True))
         bar.update(done - bar.n)
 
-    res = evaluate(gen, benchmarks, eval_protocol(cfg), results_dir, checkpoint=name,
-                   batch_size=cfg.eval.batch_size, progress=progress)
+    # evaluate_suite = evals.runner.evaluate + log-likelihood multiple choice (real MC guards), one store
+    res = evaluate_suite(gen, benchmarks, eval_protocol(cfg), results_dir, checkpoint=name,
+                         batch_size=cfg.eval.batch_size, progress=progress)
     for b in bars.values():
         b.close()
     return res

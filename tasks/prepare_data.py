@@ -2,6 +2,12 @@
 
 A cache entry is a committed (manifest-verified) directory. One whose files were deleted or changed is
 recomputed, never trusted (pain-points cluster 10).
+
+Inputs: `data.train_file` / `eval_file` / `replay` may be any source `tasks.data_io` loads (JSONL, JSON,
+Parquet, CSV, an Arrow dir, a dataset dir, `org/name[:split]`, `s3://...`), with `data.columns` mapping the
+user's column names to ours. A plain local JSONL keeps the exact line reader (errors name file:line, BOM,
+CRLF and non-UTF-8 handled); other formats name "file row i". The prepared entry is always JSONL
+(`train.jsonl`, `eval.jsonl`): recipes then tokenize it into the Arrow cache of `tasks.data_cache`.
 """
 
 from __future__ import annotations
@@ -39,8 +45,13 @@ class DatasetInfo:
 
 
 def validate_row(row: Any, path: str, line: int, need_answer: bool) -> dict[str, Any]:
+    return validate_chat_row(row, f"{path}:{line}", need_answer)
+
+
+def validate_chat_row(row: Any, where: str, need_answer: bool = False) -> dict[str, Any]:
+    """One chat SFT row; `where` is "file:line" (text formats) or "file row i" (columnar formats)."""
     def err(fld: str, msg: str) -> DataValidationError:
-        return DataValidationError(f"{path}:{line}: field '{fld}': {msg}")
+        return DataValidationError(f"{where}: field '{fld}': {msg}")
 
     if not isinstance(row, dict):
         raise err("<row>", f"expected a JSON object, got {type(row).__name__}")
@@ -109,8 +120,48 @@ def read_chat_jsonl(path: str | Path, need_answer: bool = False) -> list[dict[st
     return [row for _, row in read_chat_jsonl_lines(path, need_answer)]
 
 
+def is_jsonl(path: str | Path) -> bool:
+    return str(path).lower().endswith(".jsonl") and not str(path).startswith("s3://")
+
+
+def read_chat_rows_with_sources(path: str, need_answer: bool = False, columns: dict[str, str] | None = None,
+                                cache_dir: str | Path | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(source, row) of every validated row of any format `tasks.data_io` loads.
+
+    A local JSONL without a column mapping is read by the exact line reader (every row's line is its
+    source, BOM/CRLF/non-UTF-8 handled as before); every other source goes through `datasets`, its
+    source being "file row i" (0-based). Rows are materialised: this is the preflight/small-data path;
+    training at scale reads the tokenized Arrow cache instead (tasks.data_cache).
+    """
+    if is_jsonl(path) and not columns:
+        return [(f"{path}:{n}", r) for n, r in read_chat_jsonl_lines(path, need_answer)]
+    from tasks.data_io import chat_validator, iter_validated, load_rows, resolve_source
+
+    src = resolve_source(path, cache_dir)  # once: an s3:// source is downloaded here
+    ds = load_rows(src, columns, None, cache_dir=cache_dir)
+    rows = list(iter_validated(ds, src, chat_validator(need_answer)))
+    return [(src.where(i, _line(src, i)), r) for i, r in enumerate(rows)]
+
+
+def _line(src: Any, i: int) -> int | None:
+    return i + 1 if src.kind == "jsonl" else None  # a mapped JSONL: close enough (blank lines are rare)
+
+
 def _file_hash(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
+    """Content hash of a file, or of every file of a directory (Arrow dirs, dataset dirs); a remote source
+    (s3://, a hub id) is keyed by its name (it is re-read on a miss, not watched)."""
+    if not path:
+        return ""
+    p = Path(path)
+    if not p.exists():
+        return hashlib.sha256(path.encode()).hexdigest()
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]:
+        h.update(str(f.relative_to(p) if p.is_dir() else "").encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _replay_file(cfg: DataConfig) -> str:
@@ -166,8 +217,8 @@ def _replay_with_sources(cfg: DataConfig, n_task: int) -> list[tuple[dict[str, A
     if cfg.replay.startswith("builtin:"):
         raise DataValidationError(f"data.replay: unknown built-in {cfg.replay!r} (known: builtin:prose)")
     path = _replay_file(cfg)
-    lines = read_chat_jsonl_lines(path)
-    pool = list(zip(_with_ids([r for _, r in lines]), [f"{path}:{n}" for n, _ in lines], strict=True))
+    lines = read_chat_rows_with_sources(path)
+    pool = list(zip(_with_ids([r for _, r in lines]), [s for s, _ in lines], strict=True))
     if len(pool) < n:
         log.warning("data.replay %s has %d rows, fewer than the %d asked for: using all of them", cfg.replay,
                     len(pool), n)
@@ -185,10 +236,11 @@ def build_rows_with_sources(cfg: DataConfig, require_eval: bool = True) -> tuple
     if cfg.train_file:
         if not cfg.eval_file and require_eval:
             raise DataValidationError("data.train_file is set but data.eval_file is not: give a held-out eval set")
-        tl = read_chat_jsonl_lines(cfg.train_file)
-        train, t_src = _with_ids([r for _, r in tl]), [f"{cfg.train_file}:{n}" for n, _ in tl]
-        el = read_chat_jsonl_lines(cfg.eval_file, need_answer=True) if cfg.eval_file else []
-        evl, e_src = _with_ids([r for _, r in el]), [f"{cfg.eval_file}:{n}" for n, _ in el]
+        tl = read_chat_rows_with_sources(cfg.train_file, columns=cfg.columns)
+        train, t_src = _with_ids([r for _, r in tl]), [s for s, _ in tl]
+        el = read_chat_rows_with_sources(cfg.eval_file, need_answer=True, columns=cfg.columns) \
+            if cfg.eval_file else []
+        evl, e_src = _with_ids([r for _, r in el]), [s for s, _ in el]
     else:
         from data.generators import train_eval
 

@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
     from flows.sft_config import PipelineConfig
     from infra import tracking
     from infra.config import from_dict
-    from tasks.train import train_sft
+    from recipes.sft import train_sft
 
     cfg_path, train_path, eval_path, run_dir, result_path = argv[:5]
     run_id = argv[5] if len(argv) > 5 else ""

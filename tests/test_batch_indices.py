@@ -1,4 +1,4 @@
-"""tasks.train.batch_indices: one seeded permutation per epoch, built once, a pure function of (seed, step)."""
+"""recipes.sft.batch_indices: one seeded permutation per epoch, built once, a pure function of (seed, step)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from tasks import train
+from recipes import sft as train
 
 
 @pytest.fixture

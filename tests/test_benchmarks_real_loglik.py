@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ def _naive(model: Any, scorer: HFLoglikScorer, ctx: str, cont: str) -> float:
     return sum(float(lp[len(c) - 1 + j, tok]) for j, tok in enumerate(t))
 
 
-def test_shared_context_pass_equals_per_choice_scoring_in_two_forward_calls(tiny: Any) -> None:
+def test_shared_context_pass_equals_per_choice_scoring_with_one_context_pass(tiny: Any) -> None:
     sc = HFLoglikScorer(tiny.model, tiny.tokenizer, "tiny")
     ctx = "Question: What is the capital of France?\nAnswer:"
     conts = [" Paris", " the city of Lyon in the south", " x", " Berlin is big"]
@@ -45,8 +46,12 @@ def test_shared_context_pass_equals_per_choice_scoring_in_two_forward_calls(tiny
         hook.remove()
     want = [_naive(tiny.model, sc, ctx, c) for c in conts]
     assert got == pytest.approx(want, abs=1e-3)
-    # one pass over the context, then all four continuations together in one batch over its cache
-    assert len(calls) == 2 and calls[0][0] == 1 and calls[1][0] == 4
+    # one pass over the context, then the multi-token continuations' tails over its cache, batched by
+    # similar length (the single-token " x" needs no more than the context pass)
+    ctx_ids = sc.encode_pair(ctx, " x")[0]
+    tails = sorted(len(sc.encode_pair(ctx, c)[1]) - 1 for c in conts if len(sc.encode_pair(ctx, c)[1]) > 1)
+    assert calls[0] == (1, len(ctx_ids)) and sum(b for b, _ in calls[1:]) == len(tails) >= 3
+    assert 2 <= len(calls) <= 1 + len(tails) and all(t in tails for _, t in calls[1:])  # padded to its longest
 
 
 def test_single_token_choices_need_only_the_context_pass(tiny: Any) -> None:
@@ -141,3 +146,120 @@ def test_through_a_training_core_sampling_client(tiny: Any) -> None:
         rec = res.benchmarks["toy_mc"].records[e.id]
         want = direct.choice_logprobs(e.messages[0]["content"], [" yes it is", " no"])
         assert rec.extra["logprobs"] == pytest.approx(want, abs=1e-3)
+
+
+# ---------------------------------------------------------------- shared-prefix KV cache (prefix_batch)
+
+_SHOTS = "".join(f"Question {k}: what is {k} plus {k + 1}?\nA. {2 * k}\nB. {2 * k + 1}\nAnswer: B\n\n" for k in range(5))
+
+
+def _fewshot_items(n_subjects: int = 2, per_subject: int = 3) -> list[tuple[str, list[str]]]:
+    """MMLU-shaped items: per subject a header + the same 5 shots, then a question of varying length."""
+    items = []
+    for s in range(n_subjects):
+        head = f"The following are questions about subject number {s}.\n\n" + _SHOTS
+        for q in range(per_subject):
+            items.append((head + "Question: " + "and then " * (q * 3 + s) + f"what is {q}?\nAnswer:",
+                          [" A", " B", " C", " D"]))
+    return items
+
+
+def _flat(xs: list[list[float]]) -> list[float]:
+    return [x for row in xs for x in row]
+
+
+def _naive_all(model: Any, sc: HFLoglikScorer, items: list[tuple[str, list[str]]]) -> list[list[float]]:
+    return [[_naive(model, sc, ctx, c) for c in conts] for ctx, conts in items]
+
+
+def test_shared_prefix_batch_equals_plain_loop_and_reuses_the_prefix(tiny: Any) -> None:
+    from evals.benchmarks_real.prefix_batch import MIN_PREFIX
+
+    sc = HFLoglikScorer(tiny.model, tiny.tokenizer, "tiny")
+    items = _fewshot_items()
+    # interleave the subjects: the planner must regroup them by shared token prefix
+    items = [items[i] for i in (0, 3, 1, 4, 2, 5)]
+    seen: list[int] = []
+    hook = tiny.model.register_forward_hook(lambda m, a, k, out: seen.append(int(k["input_ids"].numel())),
+                                            with_kwargs=True)
+    try:
+        got = sc.batch_choice_logprobs(items)
+    finally:
+        hook.remove()
+    assert _flat(got) == pytest.approx(_flat(_naive_all(tiny.model, sc, items)), abs=1e-4)
+    ctxs = [sc.encode_pair(c, " A")[0] for c, _ in items]
+    assert all(len(sc.encode_pair(c, x)[1]) == 1 for c, conts in items for x in conts)  # single-token letters
+    # each subject's common token prefix runs once: the model sees far fewer tokens than the contexts hold
+    prefix = [len(os.path.commonprefix([c for c, subj in zip(ctxs, (0, 1, 0, 1, 0, 1), strict=True) if subj == s]))
+              for s in (0, 1)]
+    assert all(p >= MIN_PREFIX for p in prefix)
+    assert sc.stats["prefix_tokens"] == sum(2 * p for p in prefix)  # 3 questions a subject: 2 prefix runs saved
+    assert sum(seen) == sc.stats["tokens"] and sum(seen) < sum(len(c) for c in ctxs) - sum(prefix)
+    # one prefix call per subject + at most one call per question: never one per choice
+    assert len(seen) <= 2 + len(items)
+
+
+def test_shared_prefix_with_multi_token_continuations_of_varied_length(tiny: Any) -> None:
+    sc = HFLoglikScorer(tiny.model, tiny.tokenizer, "tiny")
+    conts = [" Paris", " the city of Lyon in the south of the country", " x", " Berlin is big"]
+    items = [(ctx, conts) for ctx, _ in _fewshot_items(2, 3)]
+    items.append(("Answer: ", ["Paris", "the sea"]))  # trailing space: lm-eval moves it into the continuation
+    items.append(("", [" a b c", " d"]))  # empty context: scored after the end-of-text token
+    got = sc.batch_choice_logprobs(items)
+    want = _naive_all(tiny.model, sc, items[:-1])
+    want.append([_naive_empty(tiny.model, sc, c) for c in items[-1][1]])
+    assert _flat(got) == pytest.approx(_flat(want), abs=1e-4)
+    assert sc.stats["prefix_tokens"] > 0
+    # the same numbers one item at a time (no grouping) and through the per-example API
+    assert _flat([sc.choice_logprobs(c, x) for c, x in items]) == pytest.approx(_flat(got), abs=1e-4)
+
+
+def _naive_empty(model: Any, sc: HFLoglikScorer, cont: str) -> float:
+    c, t = sc.encode_pair("", cont)
+    assert c == []
+    ids = [sc._prefix_token()] + t
+    with torch.no_grad():
+        lp = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return sum(float(lp[j, tok]) for j, tok in enumerate(t))
+
+
+def test_shared_prefix_through_a_lora_sampling_client_on_the_engine_thread() -> None:
+    from training_core import ServiceClient, types
+    from training_core.renderers import datum_from_tokens_weights
+
+    service = ServiceClient()
+    tc = service.create_lora_training_client("tiny", rank=8, seed=0)
+    tok = tc.get_tokenizer()
+    ids = list(tok.encode(_SHOTS, add_special_tokens=False))[:64]
+    for _ in range(3):  # a few steps so that the adapter actually moves the log-probs
+        tc.forward_backward([datum_from_tokens_weights(ids, [1.0] * len(ids))], "cross_entropy")
+        tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    lora = HFLoglikScorer.from_sampling_client(tc.save_weights_and_get_sampling_client(), "lora")
+    base = HFLoglikScorer.from_sampling_client(service.create_sampling_client(base_model="tiny"), "base")
+    items = _fewshot_items(2, 2) + [(_fewshot_items(1, 1)[0][0], [" Paris is nice", " no"])]
+    got = lora.batch_choice_logprobs(items)
+    assert lora.stats["prefix_tokens"] > 0
+    # the reference: the plain loop on the engine's model with the same adapter active, on its thread
+    want = lora._run(lambda: _naive_all(lora._model(), lora, items))
+    assert _flat(got) == pytest.approx(_flat(want), abs=1e-4)
+    base_lp = base.batch_choice_logprobs(items)
+    assert max(abs(a - b) for x, y in zip(got, base_lp, strict=True) for a, b in zip(x, y, strict=True)) > 1e-2
+
+
+def test_plan_groups_cuts_at_shared_token_prefixes() -> None:
+    from evals.benchmarks_real.prefix_batch import Request, length_batches, plan_groups
+
+    shot_a, shot_b = tuple(range(100, 160)), tuple(range(200, 250))
+    reqs = [Request(shot_a + (1, 2), ((5,),)), Request(shot_b + (7,), ((5,),)), Request(shot_a + (3,), ((5,),)),
+            Request(shot_b + (8, 9, 9), ((5,),)), Request(shot_a + (1, 4), ((5,),)), Request((9, 9, 9), ((5,),))]
+    groups = plan_groups(reqs, call_tokens=8)
+    by_members = {tuple(sorted(g.members)): g.prefix_len for g in groups}
+    assert by_members[(0, 2, 4)] == 60 and by_members[(1, 3)] == 50
+    # the prefix is a token prefix of every member's context and leaves each at least one own token
+    for g in groups:
+        for i in g.members:
+            assert len(reqs[i].ctx) > g.prefix_len and reqs[i].ctx[:g.prefix_len] == reqs[g.members[0]].ctx[:g.prefix_len]
+    # 0-shot contexts without a shared prefix: one group, no prefix pass, batched by similar length
+    flat = [Request(tuple(range(k, k + n)), ((1,),)) for k, n in enumerate((5, 40, 6, 38, 7))]
+    assert [(sorted(g.members), g.prefix_len) for g in plan_groups(flat, 8)] == [([0, 1, 2, 3, 4], 0)]
+    assert length_batches([5, 40, 6, 38, 7], 8, 16) == [[1, 3], [4, 2, 0]]

@@ -150,11 +150,25 @@ def test_finished_run_name_is_a_one_line_refusal(ws, capsys) -> None:
 def test_good_input_runs_with_recipe_run_name_and_validate_agrees(ws, capsys) -> None:
     assert cli.main(["data", "validate", "train.jsonl", "--eval-file", "eval.jsonl", *FAST]) == 0
     assert cli.main(["run", "sft", *FAST, *TRAIN]) == 0
-    assert cli.main(["demo", *FAST]) == 0
+    assert cli.main(["demo", "--quick", *FAST]) == 0
     names = [c["run_name"] for c in ws["calls"]]
     assert names[0].startswith("sft-") and names[1].startswith("demo-")
     assert all(c["checked"] for c in ws["calls"])
     assert "train.jsonl: 40 training rows" in capsys.readouterr().out
+
+
+def test_demo_trains_a_real_model_guarded_by_real_benchmarks_and_quick_is_the_tiny_one() -> None:
+    import argparse
+
+    def cfg(*argv: str) -> Any:
+        return cli._load_sft_config(argparse.Namespace(command=argv[0], quick="--quick" in argv, config=None,
+                                                       overrides=[a for a in argv[1:] if "=" in a]))
+
+    real = cfg("demo", "train.steps=3")
+    assert (real.model.base_model, real.data.task, real.train.steps) == ("smollm2-135m", "addition", 3)
+    assert {"arc_easy", "hellaswag", "heldout_text"} <= set(real.eval.guards)
+    quick = cfg("demo", "--quick")
+    assert quick == cfg("run") and quick.model.base_model == "tiny"
 
 
 def test_wall_time_counts_from_cli_start(ws, capsys, monkeypatch) -> None:
@@ -166,8 +180,8 @@ def test_wall_time_counts_from_cli_start(ws, capsys, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("cmd,flag,rc", [("run sft", None, 1), ("run sft", "--fail-on-gate", 1),
-                                         ("run sft", "--no-fail-on-gate", 0), ("demo", None, 0),
-                                         ("demo", "--fail-on-gate", 1)])
+                                         ("run sft", "--no-fail-on-gate", 0), ("demo --quick", None, 0),
+                                         ("demo --quick", "--fail-on-gate", 1)])
 def test_failed_gate_exit_code(ws, capsys, monkeypatch, cmd, flag, rc) -> None:
     import flows.sft_pipeline as sp
 
@@ -284,7 +298,7 @@ def test_known_noise_is_silenced_for_every_entry_point(monkeypatch) -> None:
         apply_env_defaults(create_dirs=False)
         warnings.warn_explicit("`is_gradient_checkpointing` is deprecated", FutureWarning, "modeling_utils.py", 1,
                                module="transformers.modeling_utils")
-        warnings.warn_explicit("ours", FutureWarning, "x.py", 1, module="tasks.train")  # ours still show
+        warnings.warn_explicit("ours", FutureWarning, "x.py", 1, module="recipes.sft")  # ours still show
     import os
 
     assert [str(w.message) for w in caught] == ["ours"]

@@ -83,3 +83,14 @@ def test_describe_comments_every_knob_and_stays_loadable() -> None:
     assert "steps: 9  # optimizer steps" in text and "learning_rate: 0.002  # peak learning rate" in text
     assert from_dict(PipelineConfig, yaml.safe_load(text)) == cfg
     assert yaml.safe_load(dump_yaml(cfg)) == to_dict(cfg)
+
+
+def test_yaml_replaces_a_dict_knob_but_merges_sections(tmp_path) -> None:
+    """`data.task_kwargs: {digits: 2}` for addition must not keep the default's `length` (the task refuses it),
+    exactly as the `data.task_kwargs={digits: 2}` override does; sections still merge key by key."""
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  task: addition\n  task_kwargs: {digits: 2}\ntrain:\n  steps: 7\n")
+    cfg = load_config(PipelineConfig, p)
+    assert cfg.data.task_kwargs == {"digits": 2}
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.data.n_train) == (7, 32, 4000)
+    assert load_config(PipelineConfig, None, ["data.task_kwargs={digits: 2}"]).data.task_kwargs == {"digits": 2}

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from flows.sft_config import PipelineConfig
 from infra.config import load_config
+from recipes.sft import train_sft
 from tasks.prepare_data import prepare_dataset
-from tasks.train import train_sft
 
 BASE = ["model.rank=8", "data.n_train=64", "data.n_eval=16", "train.batch_size=4", "train.steps=4",
         "train.save_every=2", "train.eval_loss_examples=4", "train.warmup_steps=1", "train.grad_clip_norm=0"]

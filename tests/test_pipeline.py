@@ -19,8 +19,8 @@ from flows.sft_config import PipelineConfig
 from flows.sft_pipeline import RunExistsError, sft_pipeline
 from infra.config import load_config, to_dict
 from infra.storage import open_storage
+from recipes.sft import train_sft
 from tasks.prepare_data import prepare_dataset, resolve_replay
-from tasks.train import train_sft
 from tasks.train_worker import KILL_ENV
 
 # The retrain: half the answers copied instead of reversed, 15 steps at lr 2e-4 from the champion. Measured

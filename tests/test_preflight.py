@@ -166,12 +166,20 @@ def test_run_name_finished_refused_unfinished_resumes(tmp_path: Path) -> None:
 def test_validation_errors_are_never_retried_by_prefect() -> None:
     from prefect.states import Failed
 
-    from flows import sft_pipeline as sp
+    from tasks.base import retry_unless_bad_input
+    from tasks.data_stage import prepare_data_task
+    from tasks.gate_stage import evaluate_task
+    from tasks.train_stage import train_task
 
-    for t in (sp.prepare_data_task, sp.train_task, sp.evaluate_task):
-        assert t.retry_condition_fn is sp._retry_unless_bad_input
-    assert sp._retry_unless_bad_input(None, None, Failed(data=DataValidationError("x.jsonl:3: bad"))) is False
-    assert sp._retry_unless_bad_input(None, None, Failed(data=RuntimeError("rank died"))) is True
+    for t in (prepare_data_task, train_task, evaluate_task):
+        assert t.retry_condition_fn is retry_unless_bad_input
+    assert retry_unless_bad_input(None, None, Failed(data=DataValidationError("x.jsonl:3: bad"))) is False
+    assert retry_unless_bad_input(None, None, Failed(data=RuntimeError("rank died"))) is True
+
+    class Pruned(Exception):  # e.g. a sweep trial stopped by its pruner: final, like bad input
+        no_retry = True
+
+    assert retry_unless_bad_input(None, None, Failed(data=Pruned("trial 3 pruned at step 20"))) is False
 
 
 def test_loading_a_directory_that_is_not_a_model_says_so(tmp_path: Path) -> None:
@@ -183,7 +191,7 @@ def test_loading_a_directory_that_is_not_a_model_says_so(tmp_path: Path) -> None
 
 
 def test_overlong_rows_reaching_training_are_bad_input_not_retried(tok) -> None:
-    from tasks.train import build_datums
+    from recipes.sft import build_datums
 
     rows = [{**row(1, "x " * 100), "id": "a"}]
     with pytest.raises(BadInputError, match="exceed data.max_length=16"):

@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from flows.sft_config import PipelineConfig
 from infra.config import BadInputError, load_config
+from recipes.common import adopt_init_from, latest_checkpoint
+from recipes.sft import train_sft
 from tasks.prepare_data import DatasetInfo, prepare_dataset
-from tasks.train import adopt_init_from, latest_checkpoint, train_sft
 
 BASE = ["model.rank=8", "data.n_train=64", "data.n_eval=16", "train.batch_size=4", "train.steps=6",
         "train.save_every=2", "train.eval_loss_examples=4", "train.warmup_steps=1", "data.replay="]
@@ -41,7 +42,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_newest_valid_one(
     newest = latest_checkpoint(run / "checkpoints")
     assert newest is not None and newest[0] == 4
     _corrupt(newest[1])
-    with caplog.at_level(logging.WARNING, logger="tasks.train"):
+    with caplog.at_level(logging.WARNING, logger="recipes.common"):
         done = train_sft(_cfg(), data.train_path, data.eval_path, run)
     assert done.resumed_from == 2 and [s for s, _ in done.losses] == [3, 4, 5, 6]
     assert any(newest[1] in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)

@@ -1,11 +1,13 @@
 """`tuneloop`: the command line.
 
-    tuneloop demo                        # the SFT pipeline on embedded defaults
+    tuneloop demo [--quick]              # the SFT pipeline on embedded defaults (a real model; --quick: tiny)
     tuneloop run sft --config c.yaml train.steps=100 model.base_model=smollm2-135m
     tuneloop run sft --run-name my-run   # re-running an unfinished run name resumes it from its checkpoint
-    tuneloop config sft [--describe]     # print the resolved config as YAML (--describe: with each knob's meaning)
+    tuneloop run rl | sft-then-rl        # RL from verifiable rewards (alone, or after SFT in one command)
+    tuneloop config sft|rl|... [--describe]   # the resolved config as YAML (--describe: each knob's meaning)
     tuneloop data validate FILE [--eval-file E] [overrides]   # the same data checks as `run sft`
-    tuneloop eval CHECKPOINT / tuneloop compare A B
+    tuneloop eval CHECKPOINT / tuneloop compare A B [C ...]
+    tuneloop sweep sft --config base.yaml --space space.yaml --trials 6   # winner re-scored on held-back data
     tuneloop checkpoints list|prune|du, tuneloop services up|down|status, tuneloop deployments ...
 
 Every input (config values, data files, model name, init_from, run name) is checked before anything is
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +33,8 @@ from typing import Any
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("tuneloop")
 _STARTED = time.time()  # wall time of a run is measured from here (Prefect's start-up included)
+# `tuneloop demo`: SmolLM2-135M-Instruct learns a skill, guarded by real benchmarks (`--quick`: the tiny preset)
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "flows", "demo_real.yaml")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -52,7 +57,8 @@ def _load_sft_config(args: argparse.Namespace) -> Any:
     from flows.sft_config import PipelineConfig
     from infra.config import load_config
 
-    return load_config(PipelineConfig, args.config, args.overrides)
+    demo = getattr(args, "command", None) == "demo" and not getattr(args, "quick", False)
+    return load_config(PipelineConfig, args.config, args.overrides, base=DEMO_CONFIG if demo else None)
 
 
 def _default_run_name(args: argparse.Namespace, cfg: Any) -> str:
@@ -96,10 +102,45 @@ def cmd_run_sft(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_config(args: argparse.Namespace) -> int:
-    from infra.config import dump_yaml
+def cmd_run_recipe(args: argparse.Namespace) -> int:
+    """`tuneloop run <recipe>` for every recipe but sft (whose pre-flight also reports data warnings)."""
+    import dataclasses
 
-    print(dump_yaml(_load_sft_config(args), describe=args.describe), end="")
+    from infra.config import dump_yaml, load_config, to_dict
+    from tuneloop_cli.pipelines import RECIPES, load
+
+    recipe = RECIPES[args.pipeline]
+    cfg = load_config(load(recipe.config), args.config, args.overrides)
+    run_name = args.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    resumes = load(recipe.check)(cfg, run_name)  # bad input: exit 2, nothing written
+    print("config:\n" + "\n".join("  " + x for x in dump_yaml(cfg).splitlines()), flush=True)
+    if resumes:
+        print(f"resuming run {run_name} from its last checkpoint", flush=True)
+    from tuneloop_cli.env import ensure_state_dirs
+
+    ensure_state_dirs()
+    from flows.common import format_summary
+
+    out = load(recipe.flow)(to_dict(cfg), run_name=run_name, checked=True)
+    results = list(out) if isinstance(out, tuple) else [out]
+    results[-1] = dataclasses.replace(results[-1], seconds=time.time() - _STARTED)
+    for res in results:
+        print(f"\n== {res.pipeline}: {res.run_name}\n")
+        print(res.verdict_table)
+        print()
+        print(format_summary(res))
+    if not all(r.gate_passed for r in results) and args.fail_on_gate:
+        print("tuneloop: the gate failed: exit 1 (--no-fail-on-gate to exit 0)", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from infra.config import dump_yaml, load_config
+    from tuneloop_cli.pipelines import RECIPES, load
+
+    cfg = load_config(load(RECIPES[args.pipeline].config), args.config, args.overrides)
+    print(dump_yaml(cfg, describe=args.describe), end="")
     return EXIT_OK
 
 
@@ -166,7 +207,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"tuneloop {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the SFT pipeline on embedded defaults")
+    demo = sub.add_parser("demo", help="run the SFT pipeline on embedded defaults: SmolLM2-135M-Instruct learns "
+                          "2-digit addition, guarded by ARC-Easy, HellaSwag and held-out text (flows/"
+                          "demo_real.yaml); --quick: the tiny random-init preset on digit reversal")
+    demo.add_argument("--quick", action="store_true", help="the ~3-minute tiny-preset demo (the SFT defaults)")
     _add_config_args(demo)
     _add_run_args(demo, "demo", fail_on_gate=False)
     demo.set_defaults(func=cmd_run_sft)
@@ -179,9 +223,20 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_config_args(sft)
     _add_run_args(sft, "sft")
     sft.set_defaults(func=cmd_run_sft)
+    from tuneloop_cli.pipelines import RECIPES
+
+    for r in RECIPES.values():
+        if r.name == "sft":
+            continue
+        rp = rsub.add_parser(r.name, help=r.help, description=f"{r.help}. Inputs are validated before anything is "
+                             "written (bad input: exit 2). Re-running with the same --run-name resumes an "
+                             "unfinished run from its last checkpoint.")
+        _add_config_args(rp)
+        _add_run_args(rp, r.name)
+        rp.set_defaults(func=cmd_run_recipe)
 
     cfg = sub.add_parser("config", help="print the resolved config as YAML")
-    cfg.add_argument("pipeline", choices=["sft"])
+    cfg.add_argument("pipeline", choices=sorted(RECIPES))
     cfg.add_argument("--describe", action="store_true", help="comment every knob with its meaning")
     _add_config_args(cfg)
     cfg.set_defaults(func=cmd_config)
@@ -195,6 +250,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_config_args(val)
     val.set_defaults(func=cmd_data_validate)
     _register(dsub, "flows.cli", "add_push_command", ["push"])
+    _register(dsub, "tuneloop_cli.data_cli", "add_data_stats_command", ["stats"])
 
     pre = sub.add_parser("presets", help="build local model presets")
     psub = pre.add_subparsers(dest="presets_command", required=True)
@@ -212,7 +268,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     for mod, fn, names in (("infra.retention", "add_checkpoint_commands", ["checkpoints"]),
                            ("infra.services", "add_services_commands", ["services"]),
                            ("flows.cli", "add_flow_commands", ["deployments"]),
-                           ("service.cli", "add_serve_commands", ["serve", "keys"])):
+                           ("service.cli", "add_serve_commands", ["serve", "keys"]),
+                           ("tuneloop_cli.sweep_cli", "add_sweep_command", ["sweep"])):
         _register(sub, mod, fn, names)
     _verbose_everywhere(ap)
     return ap
@@ -272,7 +329,7 @@ def _is_bad_input(e: BaseException) -> bool:
 
     if isinstance(e, BadInputError):
         return True
-    mod = sys.modules.get("flows.sft_pipeline")  # a run that finished between pre-flight and the flow
+    mod = sys.modules.get("flows.common")  # a run that finished between pre-flight and the flow
     return mod is not None and isinstance(e, getattr(mod, "RunExistsError", ()))
 
 
@@ -292,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.verbose)
     try:
-        if args.func not in (cmd_run_sft, cmd_config, cmd_data_validate):  # these write only once inputs are good
+        if args.func not in (cmd_run_sft, cmd_run_recipe, cmd_config, cmd_data_validate):  # these write only once inputs are good
             ensure_state_dirs()
         rc = args.func(args)
     except KeyboardInterrupt:

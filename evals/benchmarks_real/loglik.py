@@ -6,19 +6,33 @@ character length of the choice text (lm-eval's definition). Tokenisation follows
 `_encode_pair` (trailing context spaces move into the continuation; continuation tokens are the tail
 of the whole string's encoding; no BOS), so the same model gets the same numbers.
 
-All choices of an example go through one batched forward pass that shares the context: the context is
-run once and its KV cache is repeated across the choices, so an MMLU 5-shot example costs one context
-pass (single-token answers need nothing more) instead of one per choice.
+Speed (`HFLoglikScorer.batch_choice_logprobs`, used by `evaluate_mc` on batches of examples; the engine
+is `prefix_batch`):
+- contexts that share a token prefix (an MMLU subject's header + 5 dev questions, ~80% of its tokens) are
+  grouped and the prefix runs once; its KV cache is copied to the rows of the group's suffixes, which run
+  batched by similar length; the shared prefix is the common prefix of the token ids themselves, so it
+  is a token-level prefix of every full encoding by construction;
+- the LM head only at scored positions (the context's last token; the continuation tokens), none over
+  the ~700 context positions; single-token answers (MMLU letters) need no pass beyond the context;
+- multi-token continuations (ARC, HellaSwag, PIQA) of all choices of a batch run together over their
+  context's cache rows (masking the suffix padding);
+- inference_mode, eval mode; through `from_sampling_client` every group runs as one job on the engine
+  thread with the client's adapter active, so LoRA adapters score exactly like the base path.
+Log-probs equal a plain one-forward-per-choice loop to float noise (~1e-5; the tests check 1e-4).
+Trade-off: the batch must hold a subject's examples together to share its prefix; `evaluate_mc` extends
+a batch rather than cut a run of contexts with a long common prefix.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from evals.benchmarks import Example
+from evals.benchmarks_real.prefix_batch import GroupScorer, Request, plan_groups
 from evals.protocols import EvalProtocol
 from evals.runner import BenchmarkResult
 from evals.store import ExampleRecord, ResultMeta, ResultStore
@@ -50,6 +64,9 @@ class HFLoglikScorer:
         self.max_length = int(max_length or getattr(cfg, "max_position_embeddings", 0) or 2048)
         self._run = run or (lambda fn: fn())
         self._model_fn: Callable[[], Any] | None = None  # set when the model must be looked up per call
+        self._client: Any = None
+        self.max_cache_bytes = 512 << 20  # bound on the expanded KV cache of one batched pass
+        self.stats = {"tokens": 0, "calls": 0, "prefix_tokens": 0}  # forward tokens / calls, tokens saved
 
     @classmethod
     def from_sampling_client(cls, client: Any, name: str) -> HFLoglikScorer:
@@ -66,6 +83,7 @@ class HFLoglikScorer:
 
         scorer = cls(None, engine.base.tokenizer, name, max_length=engine.base.max_length, run=run)
         scorer._model_fn = lambda: unwrap_model(engine.model)  # the engine may re-wrap the model (peft)
+        scorer._client = client  # keeps an owned snapshot adapter alive (it is deleted with its client)
         return scorer
 
     @classmethod
@@ -101,26 +119,48 @@ class HFLoglikScorer:
         raise ValueError("tokenizer has neither a BOS nor an EOS token to stand in for an empty context")
 
     def choice_logprobs(self, context: str, continuations: Sequence[str]) -> list[float]:
+        return self.batch_choice_logprobs([(context, continuations)])[0]
+
+    def _requests(self, context: str, continuations: Sequence[str]) -> list[Request]:
+        """One request sharing the context; one per choice where trailing spaces make the contexts differ
+        (lm-eval's tokens are kept either way)."""
         pairs = [self.encode_pair(context, c) for c in continuations]
-        ctx = pairs[0][0]
-        if any(p[0] != ctx for p in pairs):  # only when trailing spaces differ per choice; keep lm-eval's tokens
-            return [self._score_one(c, t) for c, t in pairs]
-        conts = [p[1] for p in pairs]
-        if any(not c for c in conts):
+        if any(not p[1] for p in pairs):
             raise ValueError(f"an empty continuation in {list(continuations)!r}")
-        if not ctx:
-            ctx = [self._prefix_token()]  # lm-eval scores an empty context after the end-of-text token
-        budget = self.max_length - max(len(c) for c in conts) + 1
-        if len(ctx) > budget:  # lm-eval keeps the last max_length tokens: cut the context from the left
-            ctx = ctx[len(ctx) - budget:]
-        return self._run(lambda: self._shared_prefix_pass(ctx, conts))
+        groups = [pairs] if all(p[0] == pairs[0][0] for p in pairs) else [[p] for p in pairs]
+        out = []
+        for g in groups:
+            ctx = g[0][0] or [self._prefix_token()]  # lm-eval scores an empty context after end-of-text
+            budget = self.max_length - max(len(c) for _, c in g) + 1
+            if len(ctx) > budget:  # lm-eval keeps the last max_length tokens: cut the context from the left
+                ctx = ctx[len(ctx) - budget:]
+            out.append(Request(tuple(ctx), tuple(tuple(c) for _, c in g)))
+        return out
 
-    def _score_one(self, ctx: list[int], cont: list[int]) -> float:
-        if not ctx:
-            ctx = [self._prefix_token()]
-        return self._run(lambda: self._shared_prefix_pass(ctx, [cont]))[0]
+    def batch_choice_logprobs(self, items: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
+        """`choice_logprobs` for many (context, continuations) at once: contexts sharing a token prefix
+        (a few-shot block) run it once, suffixes and continuations batched (see prefix_batch)."""
+        reqs: list[Request] = []
+        owner: list[int] = []  # item index of each request
+        for k, (ctx, conts) in enumerate(items):
+            rs = self._requests(ctx, conts)
+            reqs += rs
+            owner += [k] * len(rs)
+        # what one more forward call costs, in tokens: launches dominate on an accelerator, FLOPs on a CPU
+        device = self._run(lambda: next(self._model().parameters()).device.type)
+        call_tokens = 8 if device == "cpu" else 512
+        per_req: list[list[float]] = [[] for _ in reqs]
+        for g in plan_groups(reqs, call_tokens):
+            sub = [reqs[i] for i in g.members]
+            got = self._run(lambda sub=sub, g=g: self._score_group(sub, g.prefix_len, call_tokens))
+            for i, lps in zip(g.members, got, strict=True):
+                per_req[i] = lps
+        out: list[list[float]] = [[] for _ in items]
+        for k, lps in zip(owner, per_req, strict=True):
+            out[k] += lps  # requests of one item are in choice order
+        return out
 
-    def _shared_prefix_pass(self, ctx: list[int], conts: list[list[int]]) -> list[float]:
+    def _score_group(self, reqs: list[Request], prefix_len: int, call_tokens: int) -> list[list[float]]:
         import torch
 
         model = self._model()
@@ -128,23 +168,11 @@ class HFLoglikScorer:
         model.eval()
         try:
             with torch.inference_mode():
-                out = model(input_ids=torch.tensor([ctx]), use_cache=True)
-                first = out.logits[0, -1].float().log_softmax(-1)
-                scores = [float(first[c[0]]) for c in conts]
-                longest = max(len(c) for c in conts)
-                if longest > 1:
-                    # the rest of every continuation in one batch of n rows over the shared, repeated KV cache;
-                    # right padding: a real token never attends to a pad, so no mask is needed
-                    n, pad = len(conts), conts[0][0]
-                    rows = [c[:-1] + [pad] * (longest - len(c)) for c in conts]
-                    cache = out.past_key_values
-                    cache.batch_repeat_interleave(n)
-                    logp = model(input_ids=torch.tensor(rows), past_key_values=cache,
-                                 use_cache=False).logits.float().log_softmax(-1)
-                    for i, c in enumerate(conts):
-                        if len(c) > 1:
-                            idx = torch.tensor(c[1:])
-                            scores[i] += float(logp[i, : len(c) - 1].gather(1, idx[:, None]).sum())
+                gs = GroupScorer(model, call_tokens=call_tokens, max_cache_bytes=self.max_cache_bytes)
+                scores = gs.score(reqs, prefix_len)
+                self.stats["tokens"] += gs.tokens_run
+                self.stats["calls"] += gs.calls
+                self.stats["prefix_tokens"] += prefix_len * (len(reqs) - 1)  # tokens the prefix cache saved
         finally:
             model.train(was_training)
         return scores
@@ -207,10 +235,23 @@ def mc_record(bench: LoglikMCBenchmark, ex: Example, logprobs: list[float], ckpt
         extra={"target": int(ex.target), "acc": m["acc"], "acc_norm": m["acc_norm"], "logprobs": logprobs})
 
 
+def _batch_end(pending: list[Example], start: int, step: int) -> int:
+    """`start + step`, moved on (by up to `step`) while the next context continues the same few-shot block
+    (a long common prefix with the previous one), so a batch does not split a group that shares a prefix."""
+    end = min(len(pending), start + step)
+    while end < min(len(pending), start + 2 * step) and len(os.path.commonprefix(
+            [pending[end - 1].messages[0]["content"], pending[end].messages[0]["content"]])) >= 256:
+        end += 1
+    return end
+
+
 def evaluate_mc(scorer: LoglikScorer, bench: LoglikMCBenchmark, store: ResultStore | None = None, *,
                 checkpoint: str | None = None, progress: Callable[[str, int, int], None] | None = None,
-                flush_every: int = 32) -> BenchmarkResult:
-    """Score every example (resuming from `store`), returning a BenchmarkResult the paired compare accepts."""
+                flush_every: int = 32, batch_size: int = 64) -> BenchmarkResult:
+    """Score every example (resuming from `store`), returning a BenchmarkResult the paired compare accepts.
+
+    A scorer with `batch_choice_logprobs` gets `batch_size` examples per call (stored after each call);
+    others are called per example and stored every `flush_every`."""
     ckpt = checkpoint or scorer.name
     proto = bench.protocol_for(EvalProtocol())
     phash = proto.hash()
@@ -220,20 +261,27 @@ def evaluate_mc(scorer: LoglikScorer, bench: LoglikMCBenchmark, store: ResultSto
         store.begin(meta)
         done = store.load_records(ckpt, bench.name, phash)
     pending = [ex for ex in bench.examples if ex.id not in done]
-    buf: list[ExampleRecord] = []
-    for k, ex in enumerate(pending, start=1):
-        delim = ex.meta.get("delimiter", " ")
-        lps = scorer.choice_logprobs(ex.messages[0]["content"], [delim + str(c) for c in ex.meta["choices"]])
-        if len(lps) != len(ex.meta["choices"]) or not all(math.isfinite(x) for x in lps):
-            raise ValueError(f"scorer {scorer.name!r}: bad log-probabilities {lps} for an example of {bench.name!r}")
-        buf.append(mc_record(bench, ex, lps, ckpt, phash))
-        if len(buf) >= flush_every or k == len(pending):
-            if store is not None:
-                store.append(buf)
-            done.update({r.example_id: r for r in buf})
-            buf = []
-            if progress is not None:
-                progress(bench.name, len(bench) - len(pending) + k, len(bench))
+    batched = getattr(scorer, "batch_choice_logprobs", None)
+    step = max(1, batch_size if batched is not None else flush_every)
+    start = 0
+    while start < len(pending):
+        end = _batch_end(pending, start, step) if batched is not None else min(len(pending), start + step)
+        part = pending[start:end]
+        items = [(ex.messages[0]["content"], [ex.meta.get("delimiter", " ") + str(c) for c in ex.meta["choices"]])
+                 for ex in part]
+        # a batch lets examples of one subject share their few-shot prefix (they are adjacent in the benchmark)
+        all_lps = batched(items) if batched is not None else [scorer.choice_logprobs(c, x) for c, x in items]
+        buf: list[ExampleRecord] = []
+        for ex, lps in zip(part, all_lps, strict=True):
+            if len(lps) != len(ex.meta["choices"]) or not all(math.isfinite(x) for x in lps):
+                raise ValueError(f"scorer {scorer.name!r}: bad log-probabilities {lps} for an example of {bench.name!r}")
+            buf.append(mc_record(bench, ex, lps, ckpt, phash))
+        if store is not None:
+            store.append(buf)
+        done.update({r.example_id: r for r in buf})
+        if progress is not None:
+            progress(bench.name, len(bench) - len(pending) + end, len(bench))
+        start = end
     ordered = {ex.id: done[ex.id] for ex in bench.examples}
     return BenchmarkResult(bench.name, bench.kind, ckpt, proto, phash, meta.dataset_hash, len(bench), ordered)
 

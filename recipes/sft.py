@@ -1,8 +1,18 @@
-"""Stage 2-3: LoRA SFT through training_core's primitives, with atomic, resumable checkpoints.
+"""The SFT recipe: LoRA supervised fine-tuning as a plain loop over training_core's primitives.
 
-Resume semantics: the run directory's newest committed `step-N` state checkpoint is loaded with its optimizer,
-and training continues at batch N: no optimizer step is ever applied twice, and the trajectory equals an
-uninterrupted run's (batches are a pure function of (seed, step)).
+    from recipes.sft import train_sft
+    train_sft(PipelineConfig(), "train.jsonl", "eval.jsonl", "runs/my-run")   # no Prefect needed
+
+Features: chat rows rendered by the configured renderer with loss on the chosen turns; seeded per-epoch
+batch order (a pure function of (seed, step)); linear warmup + linear decay; the next step submitted before
+the previous one's results are awaited; atomic `step-N` checkpoints with the optimizer every `save_every`
+steps; exact resume (recipes.common); eval loss before/after; optional periodic eval callback; a progress bar.
+Data path: the training file (any format tasks.data_io loads) is rendered + tokenized once with
+`datasets.map` into a memory-mapped Arrow cache under `run_dir/data_cache` (keyed by content + tokenizer +
+renderer + config; a resume is a cache hit), and each step builds only its batch's datums from it, so RSS
+does not grow with the dataset. The batch order is the seeded per-epoch permutation of `batch_indices`, a
+pure function of (seed, step): the checkpoint's step alone puts a resumed run at the same row of its epoch.
+`build_datums` (rows in memory) stays for small sets (eval-loss rows, other recipes).
 """
 
 from __future__ import annotations
@@ -11,10 +21,7 @@ import functools
 import json
 import logging
 import random
-import re
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +29,17 @@ from tqdm.auto import tqdm
 
 from flows.sft_config import PipelineConfig
 from infra.config import BadInputError
+from recipes.common import (
+    TrainResult,
+    describe_mismatches,
+    latest_checkpoint,
+    load_history,
+    local_checkpoint,
+    model_mismatches,
+    read_rows,
+    write_history,
+)
 from training_core import TrainingClient, types
-from training_core.checkpoint import CheckpointError, is_committed, verify_checkpoint
 from training_core.renderers import (
     TrainOnWhat,
     datum_from_tokens_weights,
@@ -32,24 +48,8 @@ from training_core.renderers import (
 )
 
 log = logging.getLogger(__name__)
-_STEP_RE = re.compile(r"step-(\d+)$")
 
-
-@dataclass
-class TrainResult:
-    checkpoint: str
-    steps: int
-    resumed_from: int
-    losses: list[tuple[int, float]] = field(default_factory=list)
-    eval_loss_before: float | None = None
-    eval_loss_after: float | None = None
-    metrics_path: str = ""
-    # the whole run's train-loss curve: `losses` holds only the steps this attempt ran (after `resumed_from`)
-    loss_history: list[tuple[int, float]] = field(default_factory=list)
-
-
-def read_rows(path: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+__all__ = ["TrainResult", "batch_indices", "build_datums", "lr_at", "mean_token_loss", "read_rows", "train_sft"]
 
 
 def build_datums(rows: list[dict[str, Any]], tokenizer: Any, renderer_name: str, train_on_what: str,
@@ -96,95 +96,40 @@ def lr_at(step: int, cfg: PipelineConfig) -> float:
     return t.learning_rate * (1 - (1 - t.min_lr_ratio) * frac)
 
 
-def latest_checkpoint(ckpt_root: Path) -> tuple[int, str] | None:
-    """The newest committed `step-N` checkpoint whose files match their manifest.
-
-    A corrupt one (bit rot, a truncated copy) is skipped with a warning naming it, so a resume falls back to
-    the newest valid checkpoint instead of failing every retry on the same file.
-    """
-    found = []
-    for p in ckpt_root.glob("*/weights/step-*"):
-        m = _STEP_RE.search(p.name)
-        if m and is_committed(p):
-            found.append((int(m.group(1)), str(p)))
-    for step, path in sorted(found, reverse=True):
-        try:
-            verify_checkpoint(path)
-        except CheckpointError as e:
-            # moved aside (kept for inspection): the resumed run saves this step again in the same directory
-            aside = Path(path).with_name(f"{Path(path).name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-            Path(path).rename(aside)
-            log.warning("checkpoint %s is corrupt (%s); moved to %s, falling back to an older checkpoint",
-                        path, e, aside)
-            continue
-        return step, path
-    return None
-
-
-_LORA_FIELDS = ("rank", "train_attn", "train_mlp", "train_unembed")
-
-
-def checkpoint_model_values(path: str) -> dict[str, Any]:
-    """The `model.*` values a checkpoint was trained with: a client built from it takes these, not the config's."""
-    from training_core.state import read_trainer_state
-
-    st = read_trainer_state(path)
-    lora = st.get("lora")
-    if lora is None:
-        raise BadInputError(f"{path} is a full fine-tuning checkpoint; this pipeline trains LoRA adapters")
-    return {"base_model": st["base_model"], "base_model_path": st.get("base_model_path"),
-            **{k: lora[k] for k in _LORA_FIELDS}, "lora_alpha": float(lora.get("alpha") or lora["rank"])}
-
-
-def model_mismatches(path: str, model: Any) -> dict[str, tuple[Any, Any]]:
-    """`model.*` field -> (checkpoint value, config value) wherever they differ (alpha None means rank)."""
-    ck = checkpoint_model_values(path)
-    out = {k: (ck[k], getattr(model, k)) for k in _LORA_FIELDS if ck[k] != getattr(model, k)}
-    if ck["lora_alpha"] != float(model.lora_alpha or model.rank):
-        out["lora_alpha"] = (ck["lora_alpha"], model.lora_alpha)
-    if ck["base_model"] != model.base_model:
-        from training_core.model_loading import resolve
-
-        if ck["base_model_path"] != resolve(model.base_model):  # a preset name vs its cached dir is no change
-            out["base_model"] = (ck["base_model"], model.base_model)
-    return out
-
-
-def _describe(diffs: dict[str, tuple[Any, Any]]) -> str:
-    return "; ".join(f"model.{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in diffs.items())
-
-
-def adopt_init_from(cfg: PipelineConfig, run_dir: Path) -> dict[str, tuple[Any, Any]]:
-    """Set `cfg.model` to what training from `cfg.init_from` really uses (the checkpoint's base model and
-    LoRA shape), so that the config logged to MLflow is the effective one. Returns what changed."""
-    if not cfg.init_from:
-        return {}
-    diffs = model_mismatches(_local_checkpoint(cfg.init_from, run_dir / "init"), cfg.model)
-    for k, (ck_value, _) in diffs.items():
-        setattr(cfg.model, k, ck_value)
-    if diffs:
-        log.warning("init_from %s: training uses the checkpoint's values, not the config's (%s)", cfg.init_from,
-                    _describe(diffs))
-    return diffs
-
-
-def _local_checkpoint(uri: str, dest: Path) -> str:
-    """A local, verified copy of a checkpoint given as a path, file:// or s3:// URI."""
-    if "://" not in uri:
-        return uri
-    if (dest / "manifest.json").exists():
-        return str(dest)
-    from infra.storage import open_storage
-
-    man = open_storage(uri).download_dir("", dest)
-    (dest / "manifest.json").write_bytes(man.to_json())  # training_core verifies against it on load
-    return str(dest)
-
-
 def mean_token_loss(tc: TrainingClient, datums: list[types.Datum]) -> float:
     out = tc.forward(datums, "cross_entropy").result()
     wsum = sum(sum(d.loss_fn_inputs["weights"].data) for d in datums)
     return out.metrics["loss:sum"] / max(wsum, 1e-9)
+
+
+def train_examples(cfg: PipelineConfig, train_path: str, tokenizer: Any, cache_root: str | Path) -> Any:
+    """The training set as a memory-mapped tokenized Arrow cache entry (tasks.data_cache.TokenizedSet):
+    built on the first attempt, a cache hit on every resume; batches are read from it by index."""
+    from tasks.data_cache import tokenize_cached
+
+    d = cfg.data
+    return tokenize_cached(train_path, tokenizer, d.renderer, d.train_on_what, d.max_length, cache_root,
+                           columns=d.columns, num_proc=d.num_proc)
+
+
+def head_rows(path: str, n: int, cache_root: str | Path, columns: dict[str, str] | None = None
+              ) -> list[dict[str, Any]]:
+    """The first `n` rows of any format (the eval-loss examples), with ids; not the whole file as a list."""
+    if path.endswith(".jsonl") and not columns:
+        rows = []
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    rows.append(json.loads(line))
+                    if len(rows) == n:
+                        break
+    else:
+        from tasks.data_io import load_rows, normalize_turns
+
+        ds = load_rows(path, columns, cache_dir=Path(cache_root) / "hf")
+        rows = [{k: v for k, v in r.items() if v is not None} for r in ds.select(range(min(n, len(ds))))]
+        rows = [{**r, "messages": normalize_turns(r["messages"])} for r in rows]
+    return [{**r, "id": r.get("id", f"{path} row {i}")} for i, r in enumerate(rows)]
 
 
 def train_sft(cfg: PipelineConfig, train_path: str, eval_path: str, run_dir: str | Path,
@@ -215,9 +160,9 @@ def _train(cfg: PipelineConfig, service: Any, train_path: str, eval_path: str, c
     latest = latest_checkpoint(ckpt_root)
     m = cfg.model
     if latest is None and cfg.init_from:
-        src = _local_checkpoint(cfg.init_from, run_dir / "init")
+        src = local_checkpoint(cfg.init_from, run_dir / "init")
         if diffs := model_mismatches(src, m):  # callers that log the config call adopt_init_from first
-            log.warning("init_from %s: training uses the checkpoint's values (%s)", cfg.init_from, _describe(diffs))
+            log.warning("init_from %s: training uses the checkpoint's values (%s)", cfg.init_from, describe_mismatches(diffs))
         log.info("starting from %s (weights only, fresh optimizer)", cfg.init_from)
         tc = service.create_training_client_from_state(src)
         start = 0
@@ -229,18 +174,18 @@ def _train(cfg: PipelineConfig, service: Any, train_path: str, eval_path: str, c
     else:
         start, path = latest
         if diffs := model_mismatches(path, m):  # a resume continues the same run: it cannot change the model
-            raise BadInputError(f"cannot resume from {path}: it does not match the config ({_describe(diffs)}); "
+            raise BadInputError(f"cannot resume from {path}: it does not match the config ({describe_mismatches(diffs)}); "
                              f"use the run's original model settings or start a new run")
         log.info("resuming from %s (step %d)", path, start)
         tc = service.create_training_client_from_state_with_optimizer(path)
         assert tc.step == start, f"checkpoint step {tc.step} != name step {start}"
     tok = tc.get_tokenizer()
-    train_rows, eval_rows = read_rows(train_path), read_rows(eval_path)
     d = cfg.data
-    train_d = build_datums(train_rows, tok, d.renderer, d.train_on_what, d.max_length)
-    eval_d = build_datums(eval_rows[: cfg.train.eval_loss_examples], tok, d.renderer, d.train_on_what, d.max_length)
+    train_set = train_examples(cfg, train_path, tok, run_dir / "data_cache")
+    eval_d = build_datums(head_rows(eval_path, cfg.train.eval_loss_examples, run_dir / "data_cache", d.columns), tok,
+                          d.renderer, d.train_on_what, d.max_length)
     metrics_path = run_dir / "metrics.jsonl"
-    history = _load_history(metrics_path, upto=start)
+    history = load_history(metrics_path, upto=start)
     res = TrainResult(checkpoint="", steps=cfg.train.steps, resumed_from=start, metrics_path=str(metrics_path))
     res.eval_loss_before = history[0].get("eval_loss") if history else mean_token_loss(tc, eval_d)
     if start == 0:
@@ -257,7 +202,7 @@ def _train(cfg: PipelineConfig, service: Any, train_path: str, eval_path: str, c
                 _finish(pending, history, res, bar, on_step)  # eval sees exactly `step` optimizer steps
                 pending = None
             periodic(step, tc)  # type: ignore[misc]
-        batch = [train_d[i] for i in batch_indices(step, t.batch_size, len(train_d), m.seed)]
+        batch = train_set.datums(batch_indices(step, t.batch_size, len(train_set), m.seed))
         wsum = sum(sum(x.loss_fn_inputs["weights"].data) for x in batch)
         lr = lr_at(step, cfg)
         fb = tc.forward_backward(batch, "cross_entropy")
@@ -270,7 +215,7 @@ def _train(cfg: PipelineConfig, service: Any, train_path: str, eval_path: str, c
             _finish(pending, history, res, bar, on_step)
             pending = None
             tc.save_state(f"step-{step + 1:06d}", metadata={"step": step + 1}).result()
-            _write_history(metrics_path, history)
+            write_history(metrics_path, history)
     if pending is not None:
         _finish(pending, history, res, bar, on_step)
     if every and end == t.steps:
@@ -278,7 +223,7 @@ def _train(cfg: PipelineConfig, service: Any, train_path: str, eval_path: str, c
     bar.close()
     res.loss_history = [(r["step"], r["train_loss"]) for r in history if "train_loss" in r]
     if end < t.steps:  # interrupted on purpose: leave the newest checkpoint as is
-        _write_history(metrics_path, history)
+        write_history(metrics_path, history)
         return res
     res.eval_loss_after = mean_token_loss(tc, eval_d)
     history.append({"step": t.steps, "eval_loss": res.eval_loss_after})
@@ -287,7 +232,7 @@ def _train(cfg: PipelineConfig, service: Any, train_path: str, eval_path: str, c
         final = (t.steps, tc.save_state(f"step-{t.steps:06d}", metadata={"step": t.steps, "final": True})
                  .result().path)
     res.checkpoint = final[1]
-    _write_history(metrics_path, history)
+    write_history(metrics_path, history)
     return res
 
 
@@ -302,16 +247,3 @@ def _finish(pending: tuple[int, Any, Any, float], history: list[dict[str, Any]],
     bar.set_postfix(loss=f"{loss:.3f}")
     if on_step is not None:
         on_step(step + 1, {k: v for k, v in row.items() if k != "step"})
-
-
-def _load_history(path: Path, upto: int) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return [r for r in rows if r["step"] <= upto]  # drop metrics of steps the checkpoint does not contain
-
-
-def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    tmp.replace(path)
