@@ -304,7 +304,9 @@ def load_rows(spec: str | Source, columns: dict[str, str] | None = None, validat
         ds = _jsonl_fallback(src, validate_fn, columns, e)  # names the bad line, or reads what Arrow could not
         return _sharegpt(ds) if normalize else ds
     except (datasets.exceptions.DataFilesNotFoundError, FileNotFoundError, ValueError) as e:
-        raise DataLoadError(f"{spec}: cannot be loaded as a {src.kind} dataset: {e}") from None
+        what = "is a directory, not a dataset `datasets` can load" if src.kind == "dir" else \
+            f"cannot be loaded as a {src.kind} dataset"
+        raise DataLoadError(f"{spec}: {what}: {e}") from None
     if len(ds) == 0:
         raise _bad(f"{spec}: no rows")
     ds = apply_columns(ds, columns, spec)
