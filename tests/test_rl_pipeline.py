@@ -56,7 +56,7 @@ CHAIN = [
     "sft.data.n_train=2000", "sft.data.n_eval=100", "sft.data.replay=", "sft.train.steps=80",
     "sft.train.save_every=40", "sft.train.eval_loss_examples=16", "sft.eval.n_examples=100",
     "sft.eval.guard_examples=20", "sft.eval.bootstrap_resamples=500", "sft.eval.guard_margins={heldout_text: 6.0}",
-    "rl.rl.save_every=20", "rl.eval.guard_examples=20", "rl.eval.bootstrap_resamples=500",
+    "rl.rl.iterations=40", "rl.rl.save_every=20", "rl.eval.guard_examples=20", "rl.eval.bootstrap_resamples=500",
 ]
 
 
