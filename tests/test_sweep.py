@@ -194,7 +194,9 @@ def test_confirmation_split_is_disjoint_and_read_only_at_the_end(killed_and_resu
         for folder in [*(rd / "eval").glob("*"), *(rd / "eval_during_training").glob("*")]:
             for meta, path in list_result_metas(folder):
                 if meta.benchmark == "target":  # ranking and pruning saw selection examples only
-                    assert set(read_records_file(path)) <= sel_ids and read_records_file(path)
+                    recs = read_records_file(path)
+                    # a periodic eval cut by the SIGKILL may have stored nothing; a final one is complete
+                    assert set(recs) <= sel_ids and (recs or folder.parent.name == "eval_during_training")
         trained = ResultStore(rd / "eval").checkpoint_dir("trained")
         assert {r for m, p in list_result_metas(trained) if m.benchmark == "target" for r in read_records_file(p)} \
             == sel_ids  # every trial ranked on all of the same selection examples
