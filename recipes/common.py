@@ -136,3 +136,11 @@ def write_history(path: Path, history: list[dict[str, Any]]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
     tmp.replace(path)
+
+
+def adam_params(train: Any, lr: float) -> Any:
+    """AdamW hyper-parameters of a recipe's `train` section (SFT, DPO, distillation) at learning rate `lr`."""
+    from training_core import types
+
+    return types.AdamParams(learning_rate=lr, beta1=train.beta1, beta2=train.beta2, eps=train.eps,
+                            weight_decay=train.weight_decay, grad_clip_norm=train.grad_clip_norm)

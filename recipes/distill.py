@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from infra.config import BadInputError
 from recipes.common import (
     TrainResult,
+    adam_params,
     describe_mismatches,
     latest_checkpoint,
     load_history,
@@ -297,9 +298,7 @@ def _run(cfg: DistillConfig, student: TrainingClient, teacher: TrainingClient, s
 
 
 def _adam(cfg: DistillConfig, step: int) -> types.AdamParams:
-    t = cfg.train
-    return types.AdamParams(learning_rate=lr_at(step, cfg), beta1=t.beta1, beta2=t.beta2, eps=t.eps,  # type: ignore[arg-type]
-                            weight_decay=t.weight_decay, grad_clip_norm=t.grad_clip_norm)
+    return adam_params(cfg.train, lr_at(step, cfg))  # type: ignore[arg-type]
 
 
 def _step_prompts(ctx: _Ctx, step: int) -> list[int]:

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from infra.config import BadInputError
 from recipes.common import (
     TrainResult,
+    adam_params,
     describe_mismatches,
     latest_checkpoint,
     load_history,
@@ -312,9 +313,7 @@ def _train(cfg: DPOConfig, service: Any, ckpt_root: Path, run_dir: Path,
         idx = batch_indices(step, t.batch_size, len(ds.train), cfg.model.seed)
         loss_fn = make_loss_fn(ref_tr[idx].float(), t.beta, t.label_smoothing, t.sft_weight)
         fb = tc.forward_backward_custom(pair_datums([ds.train[i] for i in idx]), loss_fn)
-        op = tc.optim_step(types.AdamParams(learning_rate=lr_at(step, cfg), beta1=t.beta1, beta2=t.beta2,
-                                            eps=t.eps, weight_decay=t.weight_decay,
-                                            grad_clip_norm=t.grad_clip_norm))
+        op = tc.optim_step(adam_params(t, lr_at(step, cfg)))  # type: ignore[arg-type]
         if pending is not None:  # the next step was submitted before waiting on this one's results
             _finish(pending, history, res, bar, on_step, lr_at(pending[0], cfg))
         pending = (step, fb, op)

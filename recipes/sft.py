@@ -31,6 +31,7 @@ from flows.sft_config import PipelineConfig
 from infra.config import BadInputError
 from recipes.common import (
     TrainResult,
+    adam_params,
     describe_mismatches,
     latest_checkpoint,
     load_history,
@@ -206,8 +207,7 @@ def _train(cfg: PipelineConfig, service: Any, train_path: str, eval_path: str, c
         wsum = sum(sum(x.loss_fn_inputs["weights"].data) for x in batch)
         lr = lr_at(step, cfg)
         fb = tc.forward_backward(batch, "cross_entropy")
-        op = tc.optim_step(types.AdamParams(learning_rate=lr, beta1=t.beta1, beta2=t.beta2, eps=t.eps,
-                                            weight_decay=t.weight_decay, grad_clip_norm=t.grad_clip_norm))
+        op = tc.optim_step(adam_params(t, lr))
         if pending is not None:
             _finish(pending, history, res, bar, on_step)
         pending = (step, fb, op, wsum)
