@@ -11,6 +11,11 @@ written as JSONL and Parquet. Each side runs in its own child process (so its pe
 - `new`: `tasks.data_cache.tokenize_cached` (datasets load, streamed validation, batched render + tokenize
   with `map`, over-length / weight checks, atomic save of the memory-mapped Arrow entry).
 - `new_hit`: the same call again on the same file: a cache hit (hash the file, open the entry).
+- `prepare`, `stage` (`--stage`): the SFT pipeline's data stage itself on the big JSONL: `prepare_data_task`
+  (validate + ids + the prepared train.jsonl, streamed) and `data_quality_task` (after `new` built its cache:
+  a cache hit, then the streamed report: lengths, weights, duplicate hashes, contamination against 200 eval
+  prompts, JSON/HTML/PNG): `data_stage_prepare_peak_rss_mib_1m`, `data_quality_peak_rss_mib_1m`.
+  `--stage-only --workdir DIR` runs just these on an existing workdir (data + `cache-big`).
 
 The ratio `data_prepare_rows_per_s_ratio` compares both sides on the same `--n-today` rows of the same JSONL
 (today's path holds everything in memory, so it is not run at 1M); the new path is then run at `--n` for
@@ -98,6 +103,8 @@ def child(side: str, path: str, cache: str, num_proc: int) -> dict[str, Any]:
     tok = load_tokenizer(MODEL)
     rss0 = peak_rss_mib()
     t0, c0 = time.perf_counter(), cpu_s()
+    if side in ("stage", "prepare"):
+        return stage_child(side, path, cache, tok, rss0)
     if side == "today":
         from recipes.sft import build_datums
         from tasks.prepare_data import _with_ids, read_chat_jsonl
@@ -120,6 +127,38 @@ def child(side: str, path: str, cache: str, num_proc: int) -> dict[str, Any]:
             "peak_rss_mib": round(peak_rss_mib(), 1), "rss_after_tokenizer_mib": round(rss0, 1), "cached": cached}
 
 
+def stage_child(side: str, path: str, cache: str, tok: Any, rss0: float) -> dict[str, Any]:
+    """The SFT flow's data stage on `path`, `cache` as the flow's cache root: `prepare` = `prepare_data_task`
+    (validate + ids + the prepared train.jsonl, streamed for a user file without replay), `stage` =
+    `data_quality_task` on `path` itself (so the `new` side's tokenized entry is a hit)."""
+    import dataclasses
+
+    from flows.sft_config import PipelineConfig
+    from infra.config import load_config
+    from tasks.data_stage import data_quality_task, prepare_data_task
+    from tasks.prepare_data import DatasetInfo
+
+    n = sum(1 for _ in open(path, "rb"))
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    evl = Path(cache) / "eval-200.jsonl"
+    evl.write_text("".join(json.dumps(synth_row(n + k)) + "\n" for k in range(200)))  # rows the set lacks
+    cfg = load_config(PipelineConfig, None, [f"model.base_model={MODEL}", f"data.max_length={MAX_LENGTH}",
+                                             f"data.train_file={path}", f"data.eval_file={evl}", "data.replay="])
+    t0, c0 = time.perf_counter(), cpu_s()  # the count above is not the stage's work
+    if side == "prepare":
+        info = prepare_data_task.fn(dataclasses.asdict(cfg), str(Path(cache) / "prepared"))
+        tokens, problems = 0, [f"{info.n_train} train rows"]
+    else:
+        ds = DatasetInfo(str(Path(cache) / "datasets" / "bench"), path, str(evl), n, 200, "bench", True)
+        out = data_quality_task.fn(dataclasses.asdict(cfg), ds, str(Path(cache) / "data_quality"))
+        tokens, problems = out["stats"]["tokens_total"], out["problems"]
+    dt, dc = time.perf_counter() - t0, cpu_s() - c0
+    return {"side": side, "rows": n, "tokens": tokens, "seconds": round(dt, 2),
+            "rows_per_s": round(n / dt, 1), "cpu_s": round(dc, 2), "rows_per_cpu_s": round(n / dc, 1),
+            "loadavg_1m": round(os.getloadavg()[0], 1), "peak_rss_mib": round(peak_rss_mib(), 1),
+            "rss_after_tokenizer_mib": round(rss0, 1), "cached": True, "problems": problems}
+
+
 def run_child(side: str, path: str, cache: str, num_proc: int) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
     cmd = [sys.executable, "-m", "bench.bench_data", "--child", side, path, cache, str(num_proc)]
@@ -139,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-proc", type=int, default=1, help="datasets.map processes of the new path")
     ap.add_argument("--workdir", default="", help="where the data and caches go (default: a temp dir, removed)")
     ap.add_argument("--no-merge", action="store_true", help="do not write bench/results.json")
+    ap.add_argument("--stage", action="store_true", help="also measure the data-quality stage at --n rows")
+    ap.add_argument("--stage-only", action="store_true", help="only the stage side, on --workdir's data + cache")
     ap.add_argument("--child", nargs=4, metavar=("SIDE", "PATH", "CACHE", "NUM_PROC"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -147,6 +188,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tuneloop-bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.stage_only:
+        big_path = str(work / f"chat-{args.n}.jsonl")
+        prep = run_child("prepare", big_path, str(work / "cache-stage"), args.num_proc)
+        st = run_child("stage", big_path, str(work / "cache-big"), args.num_proc)
+        figures = stage_figures(prep, st)
+        print(json.dumps(figures, indent=2))
+        if not args.no_merge:
+            print(f"merged into {merge_results(figures)}")
+        return 0
+    st = prep = None
     try:
         t = time.perf_counter()
         paths = generate(work, args.n, args.n_today)
@@ -160,17 +211,29 @@ def main(argv: list[str] | None = None) -> int:
         hit = run_child("new_hit", paths["jsonl"], str(work / "cache-big"), args.num_proc)
         pq = run_child("new", paths["parquet"], str(work / "cache-pq"), args.num_proc)
         res += [big, hit, pq]
+        if args.stage:
+            prep = run_child("prepare", paths["jsonl"], str(work / "cache-stage"), args.num_proc)
+            st = run_child("stage", paths["jsonl"], str(work / "cache-big"), args.num_proc)
+            res += [prep, st]
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     assert hit["cached"], "the second run on the same file must be a cache hit"
     figures = summarize(res, Path(paths["small"]).name, big, hit, pq, args.n_today, args.n, args.num_proc)
+    if st is not None and prep is not None:
+        figures |= stage_figures(prep, st)
     print_table(res, ["side", "input", "rows", "seconds", "rows_per_s", "cpu_s", "rows_per_cpu_s", "peak_rss_mib",
                       "cached"])
     print(json.dumps(figures, indent=2))
     if not args.no_merge:
         print(f"merged into {merge_results(figures)}")
     return 0
+
+
+def stage_figures(prep: dict[str, Any], st: dict[str, Any]) -> dict[str, Any]:
+    return {"data_stage_prepare_peak_rss_mib_1m": prep["peak_rss_mib"], "data_stage_prepare_seconds_1m": prep["seconds"],
+            "data_quality_peak_rss_mib_1m": st["peak_rss_mib"], "data_quality_seconds_1m": st["seconds"],
+            "data_quality_rows_per_cpu_s_1m": st["rows_per_cpu_s"]}
 
 
 def summarize(res: list[dict[str, Any]], small: str, big: dict[str, Any], hit: dict[str, Any],

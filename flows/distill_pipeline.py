@@ -41,7 +41,7 @@ def check_distill_run(cfg: DistillConfig, run_name: str) -> bool:
     if cfg.data.source and not cfg.data.source.startswith("builtin:"):
         from recipes.prompt_data import load_prompts
 
-        load_prompts(cfg.data.source, seed=cfg.data.seed)  # every row: errors name file, line and field
+        load_prompts(cfg.data.source, seed=cfg.data.seed, columns=cfg.data.columns)  # every row: errors name file, line and field
     if unknown := unknown_guards(list(cfg.eval.guards)):
         raise PreflightError(f"eval.guards={list(cfg.eval.guards)}: unknown {unknown}")
     return resumes

@@ -41,7 +41,7 @@ def check_dpo_run(cfg: DPOConfig, run_name: str) -> bool:
         raise PreflightError("data.train_file and data.eval_file go together (held-out pairs are needed)")
     for f in (cfg.data.train_file, cfg.data.eval_file):
         if f:
-            read_preference_jsonl(f)  # every row: errors name file, line and field
+            read_preference_jsonl(f, cfg.data.columns)  # every row: errors name file, line and field
     if unknown := unknown_guards(list(cfg.eval.guards)):
         raise PreflightError(f"eval.guards={list(cfg.eval.guards)}: unknown {unknown}")
     return resumes

@@ -9,10 +9,18 @@ the blocking checks of `evals.data_quality`, train/eval leaks), run here on the 
 so a dataset this accepts is never refused mid-run, and one the run would refuse is refused here. Every
 format `tasks.data_io` loads is accepted (JSONL rows are named file:line, columnar ones "file row i"), with
 `data.columns` mapping the user's column names.
+
+A user training file (`data.train_file`) is checked streaming, so a million rows fit: it is rendered and
+tokenized by the run's own `tasks.data_cache.tokenize_cached` into a temporary Arrow entry (deleted after the
+check: nothing of the run is written), and over-long rows, train/eval leaks, and the data-quality report
+(`tasks.data_stats.quality_report`, the data stage's) are computed over Arrow batches; only the eval set
+(small) and replay rows are held as lists. Generated data (sized by `data.n_train`) keeps the list path.
+Trade-off: rows the tokenizer refuses are reported one (the first) at a time, as the run would refuse them.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -217,6 +225,11 @@ def check_data(cfg: PipelineConfig, tokenizer: Any = None, require_eval: bool = 
             kind = "is a directory without a dataset" if Path(path).is_dir() else "file not found"
             raise PreflightError(f"{what}={path}: {kind} (give a chat dataset: JSONL, JSON, Parquet, CSV, an "
                                  f"Arrow dir, org/name or s3://; '' for none, or auto)")
+    from tasks.prepare_data import resolve_replay
+
+    if resolve_replay(d, cfg.model.base_model).train_file:
+        tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model.base_model)
+        return _check_file_streamed(cfg, tok, require_eval)
     (train, t_src), (evl, e_src) = _build(cfg, require_eval)
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model.base_model)
     renderer = get_renderer(d.renderer, tok)
@@ -258,6 +271,137 @@ def check_data(cfg: PipelineConfig, tokenizer: Any = None, require_eval: bool = 
             msg = (f"{hit['contaminated']} eval rows share a {dq_cfg.ngram}-word sequence with training rows: "
                    + _join([f"{e_src[x['eval_index']]} ~ {t_src[x['train_index']]}" for x in ex]))
         (problems if p.severity == "error" else check.warnings).append(f"[{p.check}] {msg}")
+    if problems:
+        raise PreflightError("the data would be refused by the run's data-quality check:\n  " + "\n  ".join(problems))
+    return check
+
+
+class _Chain:
+    """Several row datasets read as one (their `messages` features may differ, so no Arrow concatenation)."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def select_columns(self, cols: list[str]) -> _Chain:
+        return _Chain([p.select_columns(cols) for p in self.parts])
+
+    def iter(self, batch_size: int) -> Any:
+        for p in self.parts:
+            yield from p.iter(batch_size=batch_size)
+
+
+def _check_file_streamed(cfg: PipelineConfig, tok: Any, require_eval: bool) -> DataCheck:
+    """`check_data` of a user training file (+ replay) over Arrow batches: the same checks, order and messages."""
+    import datasets
+
+    quiet = not datasets.are_progress_bars_disabled()
+    if quiet:  # a refusal is one message on stderr, not progress bars of temporary work
+        datasets.disable_progress_bars()
+    try:
+        return _check_streamed(cfg, tok, require_eval)
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+
+
+def _check_streamed(cfg: PipelineConfig, tok: Any, require_eval: bool) -> DataCheck:
+    import datasets
+    import numpy as np
+
+    from evals.data_quality import DataQualityConfig
+    from tasks.data_cache import locate, tokenize_cached
+    from tasks.data_io import chat_validator, iter_validated, load_rows, resolve_source
+    from tasks.data_stats import first_duplicate_groups, quality_report
+    from tasks.prepare_data import (
+        DataValidationError,
+        _replay_with_sources,
+        _with_ids,
+        is_jsonl,
+        read_chat_rows_with_sources,
+        resolve_replay,
+        validate_chat_jsonl,
+    )
+    from training_core.renderers import TrainOnWhat, get_renderer
+
+    d = resolve_replay(cfg.data, cfg.model.base_model)
+    if not d.eval_file and require_eval:
+        raise DataValidationError("data.train_file is set but data.eval_file is not: give a held-out eval set")
+    el = read_chat_rows_with_sources(d.eval_file, need_answer=True, columns=d.columns) if d.eval_file else []
+    evl, e_src = _with_ids([r for _, r in el]), [s for s, _ in el]
+    if is_jsonl(d.train_file) and not d.columns:  # the exact line reader's checks and messages, streamed
+        validate_chat_jsonl(d.train_file)
+    with tempfile.TemporaryDirectory(prefix="tuneloop-preflight-") as tmp:  # nothing of the run is written
+        hf = Path(tmp) / "hf"
+        src = resolve_source(d.train_file, hf)
+        rows_ds = load_rows(src, d.columns, cache_dir=hf)
+        ts = tokenize_cached(d.train_file, tok, d.renderer, d.train_on_what, 0, tmp, columns=d.columns,
+                             num_proc=d.num_proc)  # validates + renders every row (the run's own map)
+        n_file = len(rows_ds)
+        replay = _replay_with_sources(d, n_file)
+        rows_parts, tok_parts = [rows_ds], [ts.dataset.select_columns(["input_ids", "weights", "length"])]
+        if replay:
+            rp = Path(tmp) / "replay.jsonl"
+            rp.write_text("".join(json.dumps(r) + "\n" for r, _ in replay))
+            rows_parts.append(load_rows(str(rp), cache_dir=hf))
+            tok_parts.append(tokenize_cached(str(rp), tok, d.renderer, d.train_on_what, 0, tmp).dataset
+                             .select_columns(["input_ids", "weights", "length"]))
+        rows_all = _Chain(rows_parts)
+        tok_all = tok_parts[0] if len(tok_parts) == 1 else datasets.concatenate_datasets(tok_parts)
+        n = len(rows_all)
+
+        def t_src(i: int) -> str:
+            return locate(src, i) if i < n_file else replay[i - n_file][1]
+
+        # over-long: the training rows from the Arrow lengths, the first eval_loss_examples eval rows rendered
+        lengths_N = np.asarray(tok_all.data.column("length").to_numpy())
+        over_N = np.flatnonzero(lengths_N > d.max_length)
+        renderer = get_renderer(d.renderer, tok)
+        n_el = min(len(evl), cfg.train.eval_loss_examples)
+        e_r = _rendered(evl[:n_el], e_src[:n_el], lambda m: renderer.build_supervised_example(
+            m, TrainOnWhat(d.train_on_what)))
+        long = [f"{t_src(int(i))} ({int(lengths_N[i])} tokens)" for i in over_N[:_LISTED]] + \
+            _overlong(e_r, e_src[:n_el], d.max_length)  # training rows first, as the list path lists them
+        n_long = len(over_N) + sum(len(t) > d.max_length for t, _ in e_r)
+        if n_long:
+            more = f" (+{n_long - _LISTED} more)" if n_long > _LISTED else ""
+            raise PreflightError(f"{n_long} rows render to more than data.max_length={d.max_length} tokens: "
+                                 f"{', '.join(long[:_LISTED])}{more}; raise data.max_length or shorten them "
+                                 f"(truncating would drop the end-of-turn token)")
+        # train/eval leaks by row id, the training rows streamed (validated as the run reads them)
+        eval_ids = {r["id"] for r in evl}
+        first: dict[Any, int] = {}
+        if eval_ids:
+            rows_it = itertools.chain(iter_validated(rows_ds, src, chat_validator()), (r for r, _ in replay))
+            for i, row in enumerate(rows_it):
+                rid = _with_ids([row])[0]["id"]
+                if rid in eval_ids:
+                    first.setdefault(rid, i)
+        leaks = [(j, first[r["id"]]) for j, r in enumerate(evl) if r["id"] in first]
+        if leaks:
+            pairs = [f"{e_src[j]} = {t_src(i)}" for j, i in leaks]
+            raise PreflightError(f"{len(leaks)} eval rows are also training rows: {_join(pairs)}")
+        dq_cfg = DataQualityConfig(max_tokens=d.max_length)
+        hashes_N = np.empty(n, dtype=np.int64)
+        rep = quality_report(rows_all, tok_all, tok, Path(tmp) / "report", hashes_N=hashes_N,
+                             eval_sets={"target": [json.dumps(r["messages"][:-1]) for r in evl]} if evl else None,
+                             config=dq_cfg, raise_on_blocking=False)
+        check = DataCheck(n, len(evl))
+        problems = []
+        for p in rep.problems:  # located while the (downloaded) source is still here
+            msg = p.message
+            if p.check == "duplicates":
+                groups = [[t_src(i) for i in g[:3]] for g in first_duplicate_groups(hashes_N, _LISTED)]
+                msg = (f"{rep.stats['n_duplicates']} duplicate rows ({rep.stats['n_duplicates'] / max(n, 1):.1%}"
+                       f", more than {dq_cfg.max_duplicate_fraction:.0%} is refused): "
+                       + "; ".join(" = ".join(g) for g in groups))
+            elif p.check == "contamination":
+                hit = rep.stats["contamination"]["target"]
+                msg = (f"{hit['contaminated']} eval rows share a {dq_cfg.ngram}-word sequence with training rows: "
+                       + _join([f"{e_src[x['eval_index']]} ~ {t_src(x['train_index'])}" for x in hit["examples"]]))
+            (problems if p.severity == "error" else check.warnings).append(f"[{p.check}] {msg}")
     if problems:
         raise PreflightError("the data would be refused by the run's data-quality check:\n  " + "\n  ".join(problems))
     return check

@@ -179,7 +179,7 @@ def _sequence_datum(prompt: list[int], completion: list[int], inputs: dict[str, 
 def training_prompts(cfg: DistillConfig) -> list[PromptRow]:
     d = cfg.data
     source = d.source or f"task:{d.task}"
-    return load_prompts(source, d.n_prompts, d.seed, d.task_kwargs)
+    return load_prompts(source, d.n_prompts, d.seed, d.task_kwargs, columns=d.columns)
 
 
 def _step_seed(cfg: DistillConfig, step: int) -> int:

@@ -36,8 +36,11 @@ class ReferenceConfig:
 
 @dataclass(config=_CFG)
 class PromptConfig:
-    source: str = Field("", description="prompts: '' = the generated task below, builtin:NAME, or a JSONL "
-                        "({\"prompt\": ...} / {\"messages\": [...]}; a chat file's prompts are used)")
+    source: str = Field("", description="prompts: '' = the generated task below, builtin:NAME, or a dataset "
+                        "({\"prompt\": ...} / {\"messages\": [...]} rows; a chat file's prompts are used): "
+                        "JSONL, JSON, Parquet, CSV, an Arrow dir, a dataset dir, org/name[:split] or s3://")
+    columns: dict[str, str] = Field(default_factory=dict, description="map our field names to the source's "
+                                    "columns, e.g. data.columns.prompt=question or data.columns.messages=conversation")
     task: str = Field("reverse", min_length=1, description="generated task (data.generators.TASKS): training "
                       "prompts and the held-out skill benchmark")
     task_kwargs: dict = Field(default_factory=lambda: {"length": 4}, description="arguments of the generator")

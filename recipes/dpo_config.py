@@ -29,9 +29,14 @@ class PrefDataConfig:
     n_train: int = Field(512, ge=1, description="generated training pairs")
     n_eval: int = Field(200, ge=1, description="generated held-out pairs (preference accuracy)")
     seed: int = Field(0, ge=0, description="seed of generation")
-    train_file: str = Field("", description="preference JSONL ({\"prompt\", \"chosen\", \"rejected\"} per line, "
-                            "messages or strings); '' = generated")
-    eval_file: str = Field("", description="held-out preference JSONL (needed with train_file)")
+    train_file: str = Field("", description="preference data ({\"prompt\", \"chosen\", \"rejected\"} per row, "
+                            "messages or strings): JSONL, JSON, Parquet, CSV, an Arrow dir, a dataset dir, "
+                            "org/name[:split] or s3://; '' = generated")
+    eval_file: str = Field("", description="held-out preference data, any of those formats (needed with "
+                           "train_file)")
+    columns: dict[str, str] = Field(default_factory=dict, description="map our field names to your columns, "
+                                    "e.g. data.columns.prompt=question, data.columns.chosen=good, "
+                                    "data.columns.rejected=bad")
     renderer: Literal["chat_template", "role_colon"] = Field("chat_template", description="how messages become "
                                                             "tokens")
     max_length: int = Field(128, ge=2, description="max tokens of prompt + reply")

@@ -1,13 +1,18 @@
 """Preference data for DPO: loading, validation, tokenization, a content-addressed cache, quality stats.
 
-Rows (JSONL, one per line), either shape:
+Rows, either shape:
     {"prompt": [messages], "chosen": [assistant message], "rejected": [assistant message]}
     {"prompt": "text", "chosen": "text", "rejected": "text"}       (= one user turn, one assistant reply)
+from any source `tasks.data_io.load_rows` reads: JSONL (read line by line, exactly as before), JSON,
+Parquet, CSV (a cell may hold the messages as a JSON string), an Arrow dir, a dataset dir, a hub id, s3://.
+Other column names map with `data.columns.prompt=question` (also `chosen`, `rejected`, `id`); ShareGPT
+`from`/`value` turns are converted.
 
 Features:
-- every row is validated before anything is written; an error names file, line and field
-  (`tasks.prepare_data.DataValidationError`, a `BadInputError`: exit code 2 through the CLI); chosen == rejected
-  is an error; UTF-8 with a BOM and CRLF line endings are fine;
+- every row is validated before anything is written; an error names the file, the line (JSONL) or the
+  0-based row index (columnar: `file row i`) and the field (`tasks.prepare_data.DataValidationError`, a
+  `BadInputError`: exit code 2 through the CLI); chosen == rejected is an error; UTF-8 with a BOM and CRLF
+  line endings are fine;
 - a pair becomes `prompt_ids`, `chosen_ids`, `rejected_ids` (TRL's layout): the completion is the assistant's
   loss-weighted tokens under the renderer (content + end of turn), the prompt what precedes them;
 - over-long pairs (prompt + reply > max_length) are refused, or with `truncate` cut at max_length (keep the
@@ -96,8 +101,13 @@ def _messages(value: Any, fld: str, err: Any, prompt: bool) -> list[dict[str, st
 
 def validate_pair_row(row: Any, path: str, line: int) -> dict[str, Any]:
     """The row normalised to messages; DataValidationError naming `path:line` and the field otherwise."""
+    return validate_pair(row, f"{path}:{line}")
+
+
+def validate_pair(row: Any, where: str) -> dict[str, Any]:
+    """The row normalised to messages; DataValidationError starting with `where` and naming the field."""
     def err(fld: str, msg: str) -> DataValidationError:
-        return DataValidationError(f"{path}:{line}: field '{fld}': {msg}")
+        return DataValidationError(f"{where}: field '{fld}': {msg}")
 
     if not isinstance(row, dict):
         raise err("<row>", f"expected a JSON object, got {type(row).__name__}")
@@ -114,20 +124,59 @@ def validate_pair_row(row: Any, path: str, line: int) -> dict[str, Any]:
     return out
 
 
-def read_preference_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, normalised row) of every row; all rows validated before returning."""
-    p = Path(path)
+def read_preference_jsonl(path: str | Path, columns: dict[str, str] | None = None,
+                          cache_dir: str | Path | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """(line number for JSONL, else 0-based row index; normalised row) of every row of any format, all
+    validated before returning (the name stays for its callers)."""
+    return [(n, row) for _, n, row in _read(path, columns, cache_dir)]
+
+
+def read_preferences(spec: str | Path, columns: dict[str, str] | None = None,
+                     cache_dir: str | Path | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(where, normalised row): `file:line` (JSONL) or `file row i` (columnar) names each pair's place."""
+    return [(where, row) for where, _, row in _read(spec, columns, cache_dir)]
+
+
+def _map_columns(row: Any, columns: dict[str, str] | None) -> Any:
+    if isinstance(row, dict):
+        for ours, theirs in (columns or {}).items():
+            if theirs in row and theirs != ours:
+                row[ours] = row.pop(theirs)
+    return row
+
+
+def _read(spec: str | Path, columns: dict[str, str] | None, cache_dir: str | Path | None
+          ) -> list[tuple[str, int, dict[str, Any]]]:
+    from tasks.data_io import iter_validated, load_rows, normalize_turns, resolve_source
+
+    src = resolve_source(str(spec), cache_dir)
     rows = []
-    for lineno, text in _decode_lines(p):
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataValidationError(f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        rows.append((lineno, validate_pair_row(row, str(p), lineno)))
-    if not rows:
-        raise DataValidationError(f"{p}: no rows")
+    if src.kind == "jsonl":  # the exact line reader: lines as the user's editor shows them
+        p = Path(src.path)
+        name = str(spec) if src.spec.startswith("s3://") else str(p)
+        for lineno, text in _decode_lines(p):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataValidationError(f"{name}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            rows.append((f"{name}:{lineno}", lineno, validate_pair(_map_columns(row, columns), f"{name}:{lineno}")))
+        if not rows:
+            raise DataValidationError(f"{name}: no rows")
+        return rows
+    csv = src.kind == "csv"
+
+    def check(row: dict[str, Any], where: str) -> dict[str, Any]:
+        for k in ("prompt", "chosen", "rejected"):  # Arrow nulls dropped, ShareGPT turns, CSV's JSON cells
+            v = row.get(k)
+            if isinstance(v, list) or (csv and isinstance(v, str)):
+                row[k] = normalize_turns(v)
+        return validate_pair(row, where)
+
+    ds = load_rows(src, columns, cache_dir=cache_dir, normalize=False)
+    for i, row in enumerate(iter_validated(ds, src, check)):
+        rows.append((src.where(i), i, row))
     return rows
 
 
@@ -136,14 +185,14 @@ def _row_id(row: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def build_rows(cfg: PrefDataConfig) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[str, dict[str, Any]]]]:
+def build_rows(cfg: PrefDataConfig, cache_dir: str | Path | None = None
+               ) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[str, dict[str, Any]]]]:
     """(source, row) lists of train and eval, validated."""
     if cfg.train_file:
         if not cfg.eval_file:
             raise DataValidationError("data.train_file is set but data.eval_file is not: give held-out pairs")
-        tr = [(f"{cfg.train_file}:{n}", r) for n, r in read_preference_jsonl(cfg.train_file)]
-        ev = [(f"{cfg.eval_file}:{n}", r) for n, r in read_preference_jsonl(cfg.eval_file)]
-        return tr, ev
+        return (read_preferences(cfg.train_file, cfg.columns, cache_dir),
+                read_preferences(cfg.eval_file, cfg.columns, cache_dir))
     from data.preferences import preference_rows
 
     kw = dict(cfg.task_kwargs)
@@ -209,13 +258,23 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def _file_hash(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
+def _file_hash(spec: str, cache_dir: str | Path | None = None) -> str:
+    """A file's content hash (streamed); a directory / hub / s3 prefix: its loaded dataset's fingerprint."""
+    if not spec:
+        return ""
+    from tasks.data_io import load_rows, resolve_source, source_fingerprint
+
+    src = resolve_source(spec, cache_dir)
+    if src.path and Path(src.path).is_file():
+        return source_fingerprint(src)
+    return source_fingerprint(src, load_rows(src, cache_dir=cache_dir, normalize=False))
 
 
-def dataset_hash(cfg: PrefDataConfig, tokenizer: Any) -> str:
-    key = {"v": CACHE_VERSION, "cfg": asdict(cfg), "train": _file_hash(cfg.train_file),
-           "eval": _file_hash(cfg.eval_file), "tok": tokenizer_fingerprint(tokenizer)}
+def dataset_hash(cfg: PrefDataConfig, tokenizer: Any, cache_dir: str | Path | None = None) -> str:
+    key = {"v": CACHE_VERSION, "cfg": asdict(cfg), "train": _file_hash(cfg.train_file, cache_dir),
+           "eval": _file_hash(cfg.eval_file, cache_dir), "tok": tokenizer_fingerprint(tokenizer)}
+    if not cfg.columns:  # keys of entries written before column mapping existed stay valid
+        key["cfg"].pop("columns")
     if cfg.train_file:  # the generator's knobs do not matter for user files
         for k in ("task", "task_kwargs", "n_train", "n_eval", "seed"):
             key["cfg"].pop(k)
@@ -294,7 +353,8 @@ def prepare_preferences(cfg: PrefDataConfig, tokenizer: Any, cache_root: str | P
     """
     from training_core.renderers import get_renderer
 
-    h = dataset_hash(cfg, tokenizer)
+    hf_cache = Path(cache_root) / "hf"  # datasets' conversions of Parquet/CSV/... and s3 downloads
+    h = dataset_hash(cfg, tokenizer, hf_cache)
     d = Path(cache_root) / "preferences" / h
     if d.exists():
         try:
@@ -308,7 +368,7 @@ def prepare_preferences(cfg: PrefDataConfig, tokenizer: Any, cache_root: str | P
         except (CheckpointError, KeyError, TypeError, json.JSONDecodeError) as e:
             log.warning("preference cache entry %s is not usable (%s); recomputing", d, e)
             shutil.rmtree(d)
-    tr_rows, ev_rows = build_rows(cfg)
+    tr_rows, ev_rows = build_rows(cfg, hf_cache)
     renderer = get_renderer(cfg.renderer, tokenizer)
     train = [tokenize_pair(r, renderer, s, cfg.max_length, cfg.truncate) for s, r in tr_rows]
     evl = [tokenize_pair(r, renderer, s, cfg.max_length, cfg.truncate) for s, r in ev_rows]

@@ -3,13 +3,17 @@
 Sources (one string, so a config or a CLI override names any of them):
 - `task:NAME` — prompts of a built-in generated task (`data.generators.TASKS`, train split, seeded);
 - `builtin:NAME` — the prompts of a built-in benchmark (`evals.builtin`: arithmetic, gsm, ...);
-- a JSONL path — one `{"prompt": str}` or `{"messages": [...]}` per line; a chat row whose last message is
-  the assistant's (any SFT file) contributes the messages before it, so the prompts of a chat JSONL are used
-  as they are; `id` and `answer` are kept when present.
+- a dataset: JSONL (read line by line), or any other source `tasks.data_io.load_rows` reads (JSON, Parquet,
+  CSV, an Arrow dir, a dataset dir, org/name[:split], s3://) — one `{"prompt": str}` or
+  `{"messages": [...]}` per row; a chat row whose last message is the assistant's (any SFT file)
+  contributes the messages before it, so the prompts of a chat dataset are used as they are; `id` and
+  `answer` are kept when present. Other column names map with `columns={"prompt": "question"}` (or
+  `"messages": "conversation"`); ShareGPT `from`/`value` turns and CSV cells holding the turns as JSON work.
 
-Every bad row is reported as `file:line: field 'x': ...` (a `BadInputError`: refused before anything runs);
-duplicate prompts are dropped (they would only re-weight the data). Trade-off: the file is read whole
-(prompt sets are small next to the models that sample from them).
+Every bad row is reported as `file:line: field 'x': ...` (JSONL) or `file row i: field 'x': ...` (columnar,
+0-based row index), a `BadInputError`: refused before anything runs; duplicate prompts are dropped (they
+would only re-weight the data). Trade-off: the prompts are returned as a list (prompt sets are small next to
+the models that sample from them); the rows are streamed from Arrow while they are validated.
 """
 
 from __future__ import annotations
@@ -41,12 +45,14 @@ def prompt_id(messages: list[dict[str, str]]) -> str:
     return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def _messages(row: dict[str, Any], path: str, line: int) -> list[dict[str, str]]:
+def _messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     def err(fld: str, msg: str) -> PromptDataError:
-        return PromptDataError(f"{path}:{line}: field '{fld}': {msg}")
+        return PromptDataError(f"{where}: field '{fld}': {msg}")
 
     if "messages" in row:
-        msgs = row["messages"]
+        from tasks.data_io import normalize_turns
+
+        msgs = normalize_turns(row["messages"])  # ShareGPT turns, Arrow's nulls, a CSV cell's JSON
         if not isinstance(msgs, list) or not msgs:
             raise err("messages", "must be a non-empty list of {role, content} objects")
         for i, m in enumerate(msgs):
@@ -66,32 +72,60 @@ def _messages(row: dict[str, Any], path: str, line: int) -> list[dict[str, str]]
     return [{"role": "user", "content": prompt}]
 
 
-def read_prompt_jsonl(path: str | Path) -> list[PromptRow]:
-    p = Path(path)
-    if not p.is_file():
+def read_prompt_jsonl(path: str | Path, columns: dict[str, str] | None = None,
+                      cache_dir: str | Path | None = None) -> list[PromptRow]:
+    """The prompts of a dataset of any format (the name stays for its callers), deduplicated, all validated."""
+    from tasks.data_io import DataLoadError, iter_validated, load_rows, resolve_source
+
+    p = Path(str(path))
+    if "://" not in str(path) and not p.exists() and p.suffix:
         raise PromptDataError(f"{p}: prompt file not found")
+    try:
+        src = resolve_source(str(path), cache_dir)
+    except DataLoadError as e:
+        raise PromptDataError(str(e)) from None
     rows: list[PromptRow] = []
     seen: set[str] = set()
-    raw = p.read_bytes().decode("utf-8-sig", errors="strict") if p.stat().st_size else ""
-    for line_no, text in enumerate(raw.splitlines(), 1):
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PromptDataError(f"{p}:{line_no}: field '<row>': invalid JSON: {e.msg}") from None
-        if not isinstance(row, dict):
-            raise PromptDataError(f"{p}:{line_no}: field '<row>': expected a JSON object")
-        msgs = _messages(row, str(p), line_no)
+
+    def add(row: dict[str, Any], where: str) -> None:
+        for ours, theirs in (columns or {}).items():
+            if theirs in row and theirs != ours:
+                row[ours] = row.pop(theirs)
+        msgs = _messages(row, where)
         pid = prompt_id(msgs)
         if pid in seen:
-            continue
+            return
         seen.add(pid)
         answer = row.get("answer")
+        if src.kind == "csv" and isinstance(answer, int | float) and not isinstance(answer, bool):
+            answer = str(answer)  # CSV cells are text; the reader's type inference made a number of "42"
         rows.append(PromptRow(pid, msgs, answer if isinstance(answer, str) else None,
-                              {"source_id": row["id"]} if "id" in row else {}))
+                              {"source_id": row["id"]} if row.get("id") is not None else {}))
+
+    if src.kind == "jsonl":  # the exact line reader: lines as the user's editor shows them
+        name = str(path) if src.spec.startswith("s3://") else str(p)
+        fp = Path(src.path)
+        raw = fp.read_bytes().decode("utf-8-sig", errors="strict") if fp.stat().st_size else ""
+        for line_no, text in enumerate(raw.splitlines(), 1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise PromptDataError(f"{name}:{line_no}: field '<row>': invalid JSON: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise PromptDataError(f"{name}:{line_no}: field '<row>': expected a JSON object")
+            add(row, f"{name}:{line_no}")
+    else:
+        def check(row: dict[str, Any], where: str) -> dict[str, Any]:
+            add(row, where)
+            return row
+
+        ds = load_rows(src, columns, cache_dir=cache_dir, normalize=False)
+        for _ in iter_validated(ds, src, check):
+            pass
     if not rows:
-        raise PromptDataError(f"{p}: no prompts")
+        raise PromptDataError(f"{path}: no prompts")
     return rows
 
 
@@ -113,8 +147,10 @@ def task_prompts(task: str, n: int, seed: int = 0, split: str = "train", **task_
 
 
 def load_prompts(source: str, n: int | None = None, seed: int = 0,
-                 task_kwargs: dict[str, Any] | None = None) -> list[PromptRow]:
-    """Prompts from `source` (see the module docstring), the first `n` (all when None)."""
+                 task_kwargs: dict[str, Any] | None = None, columns: dict[str, str] | None = None,
+                 cache_dir: str | Path | None = None) -> list[PromptRow]:
+    """Prompts from `source` (see the module docstring), the first `n` (all when None); `columns` maps our
+    field names (`prompt`, `messages`, `answer`, `id`) to a dataset's."""
     if source.startswith("task:"):
         if n is None:
             raise BadInputError(f"{source}: a generated task needs a prompt count")
@@ -132,7 +168,7 @@ def load_prompts(source: str, n: int | None = None, seed: int = 0,
         if not rows:
             raise BadInputError(f"{source}: a text benchmark has no prompts")
         return rows[:n] if n else rows
-    rows = read_prompt_jsonl(source)
+    rows = read_prompt_jsonl(source, columns, cache_dir)
     return rows[:n] if n else rows
 
 

@@ -13,6 +13,10 @@ renderer + config; a resume is a cache hit), and each step builds only its batch
 does not grow with the dataset. The batch order is the seeded per-epoch permutation of `batch_indices`, a
 pure function of (seed, step): the checkpoint's step alone puts a resumed run at the same row of its epoch.
 `build_datums` (rows in memory) stays for small sets (eval-loss rows, other recipes).
+Packing (`data.packing=true`): each step's batch (the same examples as unpacked) is packed first-fit
+decreasing into rows of at most `data.max_length` input tokens (tasks.packing.packed_datums); the engine keeps
+every sequence to its own causal block with positions from 0, so the loss is the unpacked one, computed on
+fewer, fuller rows (`packed_rows` in the step metrics). Order, resume and the per-token loss are unchanged.
 """
 
 from __future__ import annotations
@@ -196,21 +200,27 @@ def _train(cfg: PipelineConfig, service: Any, train_path: str, eval_path: str, c
     bar = tqdm(range(start, end), desc="train", initial=start, total=t.steps, dynamic_ncols=True)
     every = t.eval_every if periodic is not None else 0
     # Submit step s+1's work before waiting on step s's results (the engine runs them in order).
-    pending: tuple[int, Any, Any, float] | None = None
+    pending: tuple[int, Any, Any, float, int | None] | None = None
     for step in bar:
         if every and step % every == 0 and step > start:
             if pending is not None:
                 _finish(pending, history, res, bar, on_step)  # eval sees exactly `step` optimizer steps
                 pending = None
             periodic(step, tc)  # type: ignore[misc]
-        batch = train_set.datums(batch_indices(step, t.batch_size, len(train_set), m.seed))
+        idx = batch_indices(step, t.batch_size, len(train_set), m.seed)
+        if d.packing:
+            from tasks.packing import packed_datums
+
+            batch = packed_datums(train_set.examples(idx), d.max_length)
+        else:
+            batch = train_set.datums(idx)
         wsum = sum(sum(x.loss_fn_inputs["weights"].data) for x in batch)
         lr = lr_at(step, cfg)
         fb = tc.forward_backward(batch, "cross_entropy")
         op = tc.optim_step(adam_params(t, lr))
         if pending is not None:
             _finish(pending, history, res, bar, on_step)
-        pending = (step, fb, op, wsum)
+        pending = (step, fb, op, wsum, len(batch) if d.packing else None)
         if (step + 1) % t.save_every == 0 and step + 1 < t.steps:
             _finish(pending, history, res, bar, on_step)
             pending = None
@@ -236,12 +246,14 @@ def _train(cfg: PipelineConfig, service: Any, train_path: str, eval_path: str, c
     return res
 
 
-def _finish(pending: tuple[int, Any, Any, float], history: list[dict[str, Any]], res: TrainResult, bar: Any,
-            on_step: Callable[[int, dict[str, float]], None] | None) -> None:
-    step, fb, op, wsum = pending
+def _finish(pending: tuple[int, Any, Any, float, int | None], history: list[dict[str, Any]], res: TrainResult,
+            bar: Any, on_step: Callable[[int, dict[str, float]], None] | None) -> None:
+    step, fb, op, wsum, packed_rows = pending
     loss = fb.result().metrics["loss:sum"] / max(wsum, 1e-9)
     om = op.result().metrics
     row = {"step": step + 1, "train_loss": loss, **{k.split(":")[0]: v for k, v in om.items() if k != "step:max"}}
+    if packed_rows is not None:
+        row["packed_rows"] = packed_rows  # forward rows of this step (the unpacked count is train.batch_size)
     history.append(row)
     res.losses.append((step + 1, loss))
     bar.set_postfix(loss=f"{loss:.3f}")

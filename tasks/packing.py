@@ -1,5 +1,8 @@
 """Sequence packing: short examples share one `max_length` row, each attending only to itself.
 
+    datums = packed_datums(examples, max_length)      # training: one Datum per row, with `segment_ids`
+    tc.forward_backward(datums, "cross_entropy")       # the engine keeps each sequence to itself
+
     bins = pack_indices([len(t) for t, _ in examples], max_length)         # which examples share a row
     packed = pack_examples([examples[i] for i in bin_] ...)                 # tokens, targets, weights, ...
     lp_per_seq = packed_target_logprobs(model, packed)                     # == unpacked, per token
@@ -13,12 +16,14 @@ Features:
   Hugging Face models accept as `attention_mask` together with `position_ids`.
 - `packed_target_logprobs`: the reference forward over a packed batch; its per-token logprobs equal the
   unpacked ones (tests/test_data_packing.py), so packing changes throughput, not the loss.
+- `packed_datums`: the engine's form: one `Datum` per row (no padding inside it) whose `loss_fn_inputs`
+  carry `target_tokens`, `weights` and `segment_ids` (0, 1, ... per sequence); `Engine.target_logprobs`
+  (generic and fast path) turns them into a block-causal mask and per-sequence positions, so the loss and
+  gradients of a packed batch are those of its sequences (tests/test_packing_train.py). `recipes/sft.py`
+  packs each step's batch with it when `data.packing` is on.
 
-Engine status: training_core's `Engine.target_logprobs` builds a 2-D padding mask and no position ids, and
-`fast_train` has its own causal attention, so the training loop cannot send packed rows yet; the engine change
-is to read `segment_ids` from a datum's `loss_fn_inputs` (optional) and, when present, pass
-`attention_mask=block_causal_mask(segment_ids_B_T)` and `position_ids=positions(segment_ids_B_T)` to the model
-(and a block mask to `fast_train._attention`). Until then this module is the data-layer half, with parity.
+Trade-off: packing bins each step's own batch (same examples, same order, same loss as unpacked: resume and
+the seeded permutation are unaffected), so fewer forward rows, but not a global bin of the whole dataset.
 """
 
 from __future__ import annotations
@@ -86,15 +91,41 @@ def pack_examples(examples: list[tuple[list[int], list[float]]], max_length: int
 
 
 def block_causal_mask(segment_ids_B_T: torch.Tensor) -> torch.Tensor:
-    """`B x 1 x T x T` bool: query t sees key s iff s <= t and both are in the same (non-padding) segment."""
-    T = segment_ids_B_T.shape[1]
-    causal_T_T = torch.ones((T, T), dtype=torch.bool).tril()
-    same_B_T_T = segment_ids_B_T[:, :, None] == segment_ids_B_T[:, None, :]
-    real_B_T = segment_ids_B_T >= 0
-    mask_B_T_T = causal_T_T[None] & same_B_T_T & real_B_T[:, None, :]
-    # a padding query attends to itself only (a row of all-False makes softmax NaN)
-    mask_B_T_T |= torch.eye(T, dtype=torch.bool)[None] & ~real_B_T[:, :, None]
-    return mask_B_T_T[:, None]
+    """`B x 1 x T x T` bool: query t sees key s iff s <= t and both are in the same (non-padding) segment;
+    a padding query sees itself only (a row of all-False makes softmax NaN). The engine's own mask."""
+    from training_core.fast_train import block_causal_mask as engine_mask
+    from training_core.fast_train import segment_runs
+
+    return engine_mask(segment_runs(segment_ids_B_T))[:, None]
+
+
+def packed_datums(examples: list[tuple[list[int], list[float]]], max_length: int,
+                  bins: list[list[int]] | None = None) -> list[Any]:
+    """(tokens, weights) examples packed into engine datums of at most `max_length` input tokens each.
+
+    Each datum concatenates its examples' next-token-shifted inputs; `segment_ids` numbers them 0, 1, ...
+    The sum of the datums' cross-entropy losses is the sum of the examples' (same tokens, same weights).
+    """
+    from training_core.types import Datum, ModelInput, TensorData
+
+    bins = bins if bins is not None else pack_indices([len(t) for t, _ in examples], max_length)
+    out = []
+    for b in bins:
+        toks: list[int] = []
+        tgts: list[int] = []
+        ws: list[float] = []
+        segs: list[int] = []
+        for seg, i in enumerate(b):
+            t, w = examples[i]
+            toks += t[:-1]
+            tgts += t[1:]
+            ws += w[1:]
+            segs += [seg] * (len(t) - 1)
+        out.append(Datum(model_input=ModelInput.from_ints(toks), loss_fn_inputs={
+            "target_tokens": TensorData(data=[int(x) for x in tgts], dtype="int64", shape=[len(tgts)]),
+            "weights": TensorData(data=[float(x) for x in ws], dtype="float32", shape=[len(ws)]),
+            "segment_ids": TensorData(data=segs, dtype="int64", shape=[len(segs)])}))
+    return out
 
 
 def packed_target_logprobs(model: Any, packed: PackedBatch) -> list[torch.Tensor]:

@@ -8,6 +8,11 @@ Parquet, CSV, an Arrow dir, a dataset dir, `org/name[:split]`, `s3://...`), with
 user's column names to ours. A plain local JSONL keeps the exact line reader (errors name file:line, BOM,
 CRLF and non-UTF-8 handled); other formats name "file row i". The prepared entry is always JSONL
 (`train.jsonl`, `eval.jsonl`): recipes then tokenize it into the Arrow cache of `tasks.data_cache`.
+
+A user training file without replay is prepared streaming (`_prepare_streamed`: validated row by row while
+train.jsonl is written, memory flat in the row count: million-row files); generated data and replay mixing
+(a seeded shuffle of the whole set) keep the list path. `iter_decoded_lines` / `validate_chat_jsonl` are the
+line reader's checks, streamed, for pre-flight.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import logging
 import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -76,25 +82,51 @@ def validate_chat_row(row: Any, where: str, need_answer: bool = False) -> dict[s
 
 def _decode_lines(p: Path) -> list[tuple[int, str]]:
     """(line number, text) of every line: UTF-8 with an optional BOM, LF or CRLF; other bytes name their line."""
+    return list(iter_decoded_lines(p))
+
+
+def iter_decoded_lines(p: Path) -> Iterator[tuple[int, str]]:
+    """`_decode_lines`, streamed: one line in memory at a time (preflight of million-row files)."""
     if p.is_dir():
         raise DataValidationError(f"{p}: is a directory, not a JSONL file")
     if not p.exists():
         raise DataValidationError(f"{p}: file not found")
     try:
-        raw = p.read_bytes()
+        fh = open(p, "rb")  # noqa: SIM115 - closed below, also when the consumer stops early
     except OSError as e:
         raise DataValidationError(f"{p}: cannot read: {e.strerror}") from None
-    out = []
-    for lineno, chunk in enumerate(raw.split(b"\n"), 1):
-        if lineno == 1 and chunk.startswith(b"\xef\xbb\xbf"):
-            chunk = chunk[3:]  # a UTF-8 BOM is legitimate (some editors write one)
+    with fh:
+        lineno = 0
+        for lineno, chunk in enumerate(fh, 1):  # noqa: B007 - the last number is used below
+            chunk = chunk.removesuffix(b"\n")
+            if lineno == 1 and chunk.startswith(b"\xef\xbb\xbf"):
+                chunk = chunk[3:]  # a UTF-8 BOM is legitimate (some editors write one)
+            try:
+                text = chunk.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataValidationError(f"{p}:{lineno}: not UTF-8 text (byte 0x{chunk[e.start]:02x} at byte "
+                                          f"{e.start + 1} of the line); re-save the file as UTF-8") from None
+            yield lineno, text.removesuffix("\r")  # CRLF line endings are legitimate too
+        if lineno == 0:
+            yield 1, ""  # as bytes.split: an empty file is one empty line
+
+
+def validate_chat_jsonl(path: str | Path, need_answer: bool = False) -> int:
+    """`read_chat_jsonl_lines`'s checks and messages, streamed (no row kept); returns the number of rows."""
+    p = Path(path)
+    n = 0
+    for lineno, line in iter_decoded_lines(p):
+        if not line.strip():
+            continue
         try:
-            text = chunk.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataValidationError(f"{p}:{lineno}: not UTF-8 text (byte 0x{chunk[e.start]:02x} at byte "
-                                      f"{e.start + 1} of the line); re-save the file as UTF-8") from None
-        out.append((lineno, text.removesuffix("\r")))  # CRLF line endings are legitimate too
-    return out
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataValidationError(f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        validate_row(row, str(p), lineno, need_answer)
+        n += 1
+    if not n:
+        raise DataValidationError(f"{p}: no rows")
+    return n
 
 
 def read_chat_jsonl_lines(path: str | Path, need_answer: bool = False) -> list[tuple[int, dict[str, Any]]]:
@@ -288,6 +320,8 @@ def prepare_dataset(cfg: DataConfig, cache_root: str | Path) -> DatasetInfo:
         except CheckpointError as e:
             log.warning("dataset cache entry %s is not usable (%s); recomputing", d, e)
             shutil.rmtree(d)
+    if cfg.train_file and cfg.replay in ("", "auto"):  # a user file, no mixing: streamed (any row count)
+        return _prepare_streamed(cfg, d, h)
     train, evl = build_rows(cfg)  # validates everything before anything is written
     leaked = leaked_rows(train, evl)
     if leaked:
@@ -297,3 +331,55 @@ def prepare_dataset(cfg: DataConfig, cache_root: str | Path) -> DatasetInfo:
                      {"n_train": len(train), "n_eval": len(evl), "config": asdict(cfg)})
     log.info("prepared dataset %s: %d train / %d eval rows", d, len(train), len(evl))
     return DatasetInfo(str(d), str(d / "train.jsonl"), str(d / "eval.jsonl"), len(train), len(evl), h, cached=False)
+
+
+def _iter_train_rows(cfg: DataConfig) -> Iterator[dict[str, Any]]:
+    """The validated rows of `cfg.train_file`, one at a time: `read_chat_rows_with_sources`' checks and messages."""
+    if is_jsonl(cfg.train_file) and not cfg.columns:
+        p = Path(cfg.train_file)
+        for lineno, line in iter_decoded_lines(p):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataValidationError(f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            yield validate_row(row, str(p), lineno, False)
+        return
+    from tasks.data_io import chat_validator, iter_validated, load_rows, resolve_source
+
+    src = resolve_source(cfg.train_file)
+    yield from iter_validated(load_rows(src, cfg.columns), src, chat_validator())
+
+
+def _prepare_streamed(cfg: DataConfig, d: Path, h: str) -> DatasetInfo:
+    """`prepare_dataset` of a user training file without replay, row by row: the same train.jsonl / eval.jsonl
+    and errors, with memory flat in the row count. Two passes over the file: the first validates every row
+    and checks leaks before anything is written (as the list path does), the second writes the entry."""
+    if not cfg.eval_file:
+        raise DataValidationError("data.train_file is set but data.eval_file is not: give a held-out eval set")
+    el = read_chat_rows_with_sources(cfg.eval_file, need_answer=True, columns=cfg.columns)
+    evl = _with_ids([r for _, r in el])
+    eval_of: dict[Any, list[int]] = {}
+    for j, r in enumerate(evl):
+        eval_of.setdefault(r["id"], []).append(j)
+    leaked: set[int] = set()
+    n = 0
+    for row in _iter_train_rows(cfg):
+        leaked.update(eval_of.get(_with_ids([row])[0]["id"], ()))
+        n += 1
+    if not n:
+        raise DataValidationError(f"{cfg.train_file}: no rows")
+    if leaked:
+        raise DataValidationError(f"{len(leaked)} eval rows also appear in the training set (e.g. id "
+                                  f"{evl[min(leaked)]['id']})")
+
+    def write_train(p: Path) -> None:
+        with open(p, "w", encoding="utf-8") as fh:
+            for row in _iter_train_rows(cfg):
+                fh.write(json.dumps(_with_ids([row])[0], sort_keys=True, ensure_ascii=False) + "\n")
+
+    write_checkpoint(d, {"train.jsonl": write_train, "eval.jsonl": _write_jsonl(evl)},
+                     {"n_train": n, "n_eval": len(evl), "config": asdict(cfg)})
+    log.info("prepared dataset %s: %d train / %d eval rows (streamed)", d, n, len(evl))
+    return DatasetInfo(str(d), str(d / "train.jsonl"), str(d / "eval.jsonl"), n, len(evl), h, cached=False)

@@ -279,3 +279,55 @@ def test_streaming_stats_count_exactly(tmp_path: Path, tok, reference, capsys) -
     assert (c["contaminated"], c["of"]) == (2, 3)  # its question is a training turn; the fresh one is not
     assert c["examples"] == [{"eval_index": 0, "train_index": 2}, {"eval_index": 1, "train_index": 30}]
     assert "duplicates: 4 (9.09%)" in capsys.readouterr().out
+
+
+def test_streamed_quality_report_equals_the_list_based_one(tmp_path: Path, tok, reference) -> None:
+    """tasks.data_stats.quality_report (the data stage's, from Arrow) == evals.data_quality's report on lists."""
+    from evals.data_quality import DataQualityConfig, check_training_data
+    from tasks.data_stats import quality_report
+    from training_core.renderers import TrainOnWhat, get_renderer
+
+    rows = ROWS + ROWS[:3] + [{**ROWS[5], "messages": [{**m, "content": "  " + m["content"] + " "}
+                                                       for m in ROWS[5]["messages"]]}]
+    src = tmp_path / "t.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evals = {"target": [json.dumps(ROWS[7]["messages"][:-1]), "an unseen question", "reverse 0031"]}
+    cfg = DataQualityConfig(max_tokens=sorted(len(t) for t, _ in reference)[30], max_listed=3, ngram=3)
+    r = get_renderer("chat_template", tok)
+    ref = check_training_data([x["messages"] for x in rows], tok,
+                              lambda m: r.build_supervised_example(m, TrainOnWhat.LAST_ASSISTANT_MESSAGE),
+                              tmp_path / "ref", eval_sets=evals, config=cfg, raise_on_blocking=False)
+    ts = tokenize_cached(str(src), tok, "chat_template", "last_assistant_message", 0, tmp_path / "cache")
+    got = quality_report(load_rows(str(src)), ts.dataset, tok, tmp_path / "got", eval_sets=evals, config=cfg,
+                         raise_on_blocking=False)
+    a, b = got.to_dict(), ref.to_dict()
+    assert a["stats"].pop("length_mean") == pytest.approx(b["stats"].pop("length_mean"), rel=1e-12)
+    assert a == b
+    checks = {p["check"]: p["severity"] for p in b["problems"]}
+    assert checks == {"overlong": "error", "duplicates": "error", "contamination": "error"}  # all three exercised
+    assert [(x["eval_index"], x["train_index"]) for x in b["stats"]["contamination"]["target"]["examples"]] == \
+        [(2, 31)]  # "reverse 0031" is row 31's question (the JSON-quoted prompt has no 3 words in a row of a turn)
+    for f in ("data_quality.json", "data_quality.html", "token_lengths.png"):
+        assert (tmp_path / "got" / f).stat().st_size > 0
+
+
+def test_streamed_prepare_writes_what_the_list_path_builds(tmp_path: Path) -> None:
+    """A user file without replay is prepared row by row: the same entry as the in-memory path's rows."""
+    from tasks.prepare_data import build_rows
+
+    paths = write_formats(tmp_path / "src")
+    evl = tmp_path / "e.jsonl"
+    evl.write_text("".join(json.dumps({**r, "messages": conv(100 + i)}) + "\n" for i, r in enumerate(ROWS[:4])))
+    for fmt in ("jsonl", "parquet"):
+        cfg = DataConfig(train_file=paths[fmt], eval_file=str(evl), replay="")
+        info = prepare_dataset(cfg, tmp_path / f"prep-{fmt}")
+        train, ev = build_rows(cfg)
+        assert (info.n_train, info.n_eval) == (40, 4)
+        assert Path(info.train_path).read_text().splitlines() == \
+            [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in train]
+        assert [json.loads(x) for x in Path(info.eval_path).read_text().splitlines()] == ev
+    leak = tmp_path / "leak.jsonl"
+    leak.write_text(evl.read_text() + "".join(json.dumps(r) + "\n" for r in ROWS[:5]))
+    with pytest.raises(DataValidationError, match="4 eval rows also appear in the training set"):
+        prepare_dataset(DataConfig(train_file=str(leak), eval_file=str(evl), replay=""), tmp_path / "prep-leak")
+    assert not (tmp_path / "prep-leak").exists()  # nothing written for a refused file

@@ -3,6 +3,13 @@
 Several training/sampling clients on the same base share its weights (peft multi-adapter); memory grows
 by adapters, not by bases. All model work runs on the engine's worker, so calls from different clients are
 serialized and each call activates its own adapter first.
+
+Packed rows: a datum may carry an optional `segment_ids` entry in `loss_fn_inputs` (one int per token; a
+new sequence starts wherever the id changes). Such a datum holds several sequences: each gets its own causal
+block and positions from 0 (generic path: a 4-D block mask + `position_ids`; fast path: the same in
+`fast_train`), so its per-token logprobs equal the unpacked ones. `segment_ids` is not a loss input (the
+losses never see it); a datum without it in a packed batch is one sequence. Batches without any
+`segment_ids` (every Tinker client) run exactly the unpacked code.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ class NonFiniteError(RuntimeError):
 # loss_fn_inputs a datum may leave out while others in its batch carry them: the value a missing one means.
 # `weights` missing means "every token counts" (Tinker's cross_entropy), so a mixed batch must not drop them all.
 INPUT_DEFAULTS: dict[str, float] = {"weights": 1.0}
+# loss_fn_inputs that describe the model input rather than the loss: read by `target_logprobs`, never passed on.
+LAYOUT_INPUTS = frozenset({"segment_ids"})
 
 
 @dataclass
@@ -197,6 +206,9 @@ class Engine:
             badt = [t for t in tgt if not 0 <= int(t) < vocab]
             if badt:
                 raise InputError(f"datum {i}: target token id {badt[0]} outside vocab [0, {vocab})")
+            seg = d.loss_fn_inputs.get("segment_ids")
+            if seg is not None and (seg.dtype != "int64" or min(seg.data) < 0):
+                raise InputError(f"datum {i}: loss_fn_inputs['segment_ids'] must be non-negative integers")
 
     # ---- compute -----------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -233,17 +245,25 @@ class Engine:
             tokens_B_T[i, :n] = torch.as_tensor(d.model_input.to_ints(), dtype=torch.long)
             targets_B_T[i, :n] = torch.as_tensor(d.loss_fn_inputs["target_tokens"].data, dtype=torch.long)
         mask_B_T = torch.arange(T)[None, :] < torch.tensor(lens)[:, None]
+        segs_B_T = packed_segments(data, T)  # None unless some datum is a packed row
         if self._use_fast_path():
             from training_core import fast_train
 
             try:
-                lp_B_T = fast_train.target_logprobs(self.model, adapter, tokens_B_T, targets_B_T)
+                lp_B_T = fast_train.target_logprobs(self.model, adapter, tokens_B_T, targets_B_T, segs_B_T)
                 return lp_B_T * mask_B_T, mask_B_T
             except fast_train.Unsupported as e:  # e.g. an adapter on the embedding: generic path from now on
                 log.info("engine %s: generic compute path (%s)", self.base.name, e)
                 self._fast_ok = False
         with self._autocast():
-            logits_B_T_V = self.model(input_ids=tokens_B_T, attention_mask=mask_B_T.long()).logits
+            if segs_B_T is None:
+                logits_B_T_V = self.model(input_ids=tokens_B_T, attention_mask=mask_B_T.long()).logits
+            else:
+                from training_core.fast_train import block_causal_mask, segment_positions, segment_runs
+
+                runs_B_T = segment_runs(segs_B_T)
+                logits_B_T_V = self.model(input_ids=tokens_B_T, attention_mask=block_causal_mask(runs_B_T)[:, None],
+                                          position_ids=segment_positions(runs_B_T)).logits
         V = logits_B_T_V.shape[-1]
         lp_B_T = -torch.nn.functional.cross_entropy(
             logits_B_T_V.float().reshape(-1, V), targets_B_T.reshape(-1), reduction="none"
@@ -261,7 +281,7 @@ class Engine:
         A key some datums leave out takes its documented default there (`INPUT_DEFAULTS`: missing `weights`
         is all ones); any other key must be given by every datum or none, else `InputError`.
         """
-        keys = sorted(set().union(*(d.loss_fn_inputs.keys() for d in data)))
+        keys = sorted(set().union(*(d.loss_fn_inputs.keys() for d in data)) - LAYOUT_INPUTS)
         out = {}
         for k in keys:
             parts = []
@@ -370,6 +390,19 @@ class Engine:
         st.version += 1
         metrics["step:max"] = float(st.step)
         return metrics
+
+
+def packed_segments(data: list[Datum], T: int) -> torch.Tensor | None:
+    """`segs_B_T` of a batch with packed rows (-1 on padding; a datum without `segment_ids` is one sequence),
+    or None when no datum has `segment_ids` (the unpacked path)."""
+    if not any("segment_ids" in d.loss_fn_inputs for d in data):
+        return None
+    segs_B_T = torch.full((len(data), T), -1, dtype=torch.long)
+    for i, d in enumerate(data):
+        td = d.loss_fn_inputs.get("segment_ids")
+        n = d.model_input.length
+        segs_B_T[i, :n] = torch.as_tensor(td.data, dtype=torch.long) if td is not None else 0
+    return segs_B_T
 
 
 _ENGINES: dict[tuple[str, str], Engine] = {}

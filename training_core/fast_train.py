@@ -12,6 +12,11 @@ the same work as that path (every position, every LoRA term, same rank) in fewer
 - causal attention that keeps its softmax for the backward instead of recomputing it as the flash kernel
   does, GQA by grouping query heads (`_CausalAttention`); no attention mask: right-padded rows under a
   causal mask never see their padding, so every real position is exact;
+- packed rows (optional `segment_ids_B_T`: several sequences in one row): a block-causal mask (a token sees
+  only earlier tokens of its own sequence) and RoPE positions restarting at 0 per sequence, so each packed
+  sequence computes exactly what it would alone; without segment ids the code path is the unpacked one
+  (no mask tensor, shared positions). `segment_runs` / `segment_positions` / `block_causal_mask` are the
+  helpers the engine's generic path and tasks.packing use too;
 - target logprobs from bf16 logits with an fp32 log-sum-exp, chunked, keeping the softmax so the backward is
   one pass (`_TargetLogprob`; the generic path materialises fp32 logits, log-softmax and gradient).
 
@@ -220,6 +225,35 @@ class _CausalAttention(torch.autograd.Function):
         return g_s @ k, g_s.transpose(-1, -2) @ q, g_v, None, None
 
 
+def segment_runs(segment_ids_B_T: torch.Tensor) -> torch.Tensor:
+    """Run index of each token: a new sequence starts wherever the id changes; -1 where the id is < 0 (padding).
+
+    Runs, not raw ids, decide who sees whom, so ids only need to differ between neighbouring sequences.
+    """
+    change_B_T = torch.ones_like(segment_ids_B_T, dtype=torch.bool)
+    change_B_T[:, 1:] = segment_ids_B_T[:, 1:] != segment_ids_B_T[:, :-1]
+    return (change_B_T.long().cumsum(1) - 1).masked_fill(segment_ids_B_T < 0, -1)
+
+
+def segment_positions(runs_B_T: torch.Tensor) -> torch.Tensor:
+    """Position of each token within its run (0 at each sequence start), the RoPE positions of a packed row."""
+    B, T = runs_B_T.shape
+    idx_B_T = torch.arange(T).expand(B, T)
+    start_B_T = torch.zeros((B, T), dtype=torch.long)
+    start_B_T[:, 1:] = torch.where(runs_B_T[:, 1:] != runs_B_T[:, :-1], idx_B_T[:, 1:], 0)
+    return idx_B_T - start_B_T.cummax(1).values
+
+
+def block_causal_mask(runs_B_T: torch.Tensor) -> torch.Tensor:
+    """`B x T x T` bool: query t sees key s iff s <= t in the same run; a padding query (run -1) sees only
+    itself (an all-False row would make the softmax NaN; its output is masked by the caller anyway)."""
+    T = runs_B_T.shape[1]
+    real_B_T = runs_B_T >= 0
+    same_B_T_T = (runs_B_T[:, :, None] == runs_B_T[:, None, :]) & real_B_T[:, None, :]
+    mask_B_T_T = same_B_T_T & torch.ones((T, T), dtype=torch.bool).tril()[None]
+    return mask_B_T_T | (torch.eye(T, dtype=torch.bool)[None] & ~real_B_T[:, :, None])
+
+
 _ATTN_MAX_SCORES = 1 << 24  # B*H*T*T above this: the flash kernel (memory O(T) instead of O(T^2))
 
 
@@ -228,19 +262,28 @@ def _causal_mask(G: int, T: int) -> torch.Tensor:
     return torch.full((T, T), float("-inf")).triu(1).repeat(G, 1)
 
 
-def _attention(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention over (B, T, heads, D) views; returns (B, T, H, D), contiguous, in q's dtype."""
+def _attention(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor, scale: float,
+               allowed_B_T_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention over (B, T, heads, D) views; returns (B, T, H, D), contiguous, in q's dtype.
+
+    `allowed_B_T_T` (bool, packed rows): who may see whom instead of the plain causal mask.
+    """
     B, T, H, D = q_BTHD.shape
     KV = k_BTKD.shape[2]
     if q_BTHD.dtype != torch.bfloat16 or B * H * T * T > _ATTN_MAX_SCORES:
         # fp32 flash kernel: faster than the bf16 one on CPU; the casts are O(T*D) per head
         o_BHTD = F.scaled_dot_product_attention(
             q_BTHD.transpose(1, 2).float(), k_BTKD.transpose(1, 2).float(), v_BTKD.transpose(1, 2).float(),
-            is_causal=True, scale=scale, enable_gqa=H != KV,
+            attn_mask=None if allowed_B_T_T is None else allowed_B_T_T[:, None],
+            is_causal=allowed_B_T_T is None, scale=scale, enable_gqa=H != KV,
         )
         return o_BHTD.transpose(1, 2).to(q_BTHD.dtype, memory_format=torch.contiguous_format)
     G = H // KV
-    mask_RT = _causal_mask(G, T)
+    if allowed_B_T_T is None:
+        mask_RT = _causal_mask(G, T)
+    else:  # additive fp32 mask per row, rows (g, t) as q's grouping below: (B, 1, G*T, T)
+        add_B_T_T = torch.zeros((B, T, T)).masked_fill_(~allowed_B_T_T, float("-inf"))
+        mask_RT = add_B_T_T.repeat(1, G, 1)[:, None]
     q = q_BTHD.permute(0, 2, 1, 3).reshape(B, KV, G * T, D)  # head h = kv * G + g
     k = k_BTKD.transpose(1, 2).contiguous()
     v = v_BTKD.transpose(1, 2).contiguous()
@@ -277,10 +320,12 @@ def check_supported(model: nn.Module) -> None:
 
 
 def target_logprobs(model: nn.Module, adapter: str | None, tokens_B_T: torch.Tensor,
-                    targets_B_T: torch.Tensor) -> torch.Tensor:
+                    targets_B_T: torch.Tensor, segment_ids_B_T: torch.Tensor | None = None) -> torch.Tensor:
     """Logprobs `lp_B_T` (fp32) of `targets_B_T` after `tokens_B_T` under base + LoRA `adapter`, in bf16.
 
     Rows may be right-padded: positions after a row's end are garbage and must be masked by the caller.
+    `segment_ids_B_T` (packed rows; -1 on padding): each run of equal ids is its own sequence, with its own
+    causal block and positions from 0.
     """
     check_supported(model)
     inner = getattr(getattr(model, "base_model", model), "model", model)
@@ -292,7 +337,13 @@ def target_logprobs(model: nn.Module, adapter: str | None, tokens_B_T: torch.Ten
     H, KV = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
     D = int(attn0.head_dim)
     x_Md = F.embedding(tokens_B_T.reshape(M), body.embed_tokens.weight)
-    pos_1T = torch.arange(T)[None]
+    allowed_B_T_T = None
+    if segment_ids_B_T is None:
+        pos_1T = torch.arange(T)[None]
+    else:
+        runs_B_T = segment_runs(segment_ids_B_T)
+        pos_1T = segment_positions(runs_B_T)  # (B, T): the "1" broadcasts as B below
+        allowed_B_T_T = block_causal_mask(runs_B_T)
     cos_1TD, sin_1TD = body.rotary_emb(x_Md[:1][None], pos_1T)  # HF's own RoPE table, in x's dtype
     if cos_1TD.shape[-1] != D:
         raise Unsupported("partial rotary embedding")
@@ -310,7 +361,8 @@ def target_logprobs(model: nn.Module, adapter: str | None, tokens_B_T: torch.Ten
             qk_BTND = _rms(qk_BTND, None, qk_eps) * qk_norm_w[li]
         # RoPE on q and k at once: q * cos + rotate_half(q) * sin == q * cos + roll(q) * [-sin1, sin2]
         qk_BTND = qk_BTND * cos_1T1D + qk_BTND.roll(half, dims=-1) * sin_rot_1T1D
-        o_BTHD = _attention(qk_BTND[:, :, :H], qk_BTND[:, :, H:], qkv_BTND[:, :, H + KV :], float(attn0.scaling))
+        o_BTHD = _attention(qk_BTND[:, :, :H], qk_BTND[:, :, H:], qkv_BTND[:, :, H + KV :], float(attn0.scaling),
+                            allowed_B_T_T)
         x_Md = x_Md + _group(o_BTHD.view(M, H * D), [_adapted(at.o_proj, name)])
         h_Md = _rms(x_Md, *norm_params(layer.post_attention_layernorm))
         gu_mods = [_adapted(mlp.gate_proj, name), _adapted(mlp.up_proj, name)]

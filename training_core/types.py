@@ -25,6 +25,7 @@ _KEY_TO_DTYPE: dict[str, Dtype] = {
     "clip_low_threshold": "float32",
     "clip_high_threshold": "float32",
     "sequence_ratio_mask": "float32",
+    "segment_ids": "int64",  # optional: packed rows (training_core.engine), one sequence per run of equal ids
 }
 
 
