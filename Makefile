@@ -1,6 +1,7 @@
 # tuneloop: two commands do all set-up.
 #   make demo   venv + install + the SFT pipeline on embedded defaults (SmolLM2-135M, real-benchmark guards)
 #   make demo-quick   the same on the tiny random-init preset
+#   make demo-aggressive   the real demo at an 8x learning rate: it forgets, and the gate refuses it
 #   make test   venv + install + the whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -20,10 +21,10 @@ export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR := cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install sysdeps demo demo-quick test lint bench clean help
+.PHONY: install sysdeps demo demo-quick demo-aggressive test lint bench clean help
 
 help:
-	@echo "make demo | make demo-quick | make test | make lint | make bench | make clean"
+	@echo "make demo | make demo-quick | make demo-aggressive | make test | make lint | make bench | make clean"
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +54,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	PREFECT_HOME=$(CURDIR)/.tuneloop/prefect $(VENV)/bin/tuneloop demo $(ARGS)
+
+# the real demo over-trained (8x the learning rate): the skill is learned, the guards regress, the gate says no
+demo-aggressive: $(STAMP)
+	PREFECT_HOME=$(CURDIR)/.tuneloop/prefect $(VENV)/bin/tuneloop demo --config flows/demo_aggressive.yaml $(ARGS)
 
 # the tiny random-init preset learning digit reversal (~3-4 min): the demo's quick twin
 demo-quick: $(STAMP)

@@ -160,13 +160,20 @@ def test_good_input_runs_with_recipe_run_name_and_validate_agrees(ws, capsys) ->
 def test_demo_trains_a_real_model_guarded_by_real_benchmarks_and_quick_is_the_tiny_one() -> None:
     import argparse
 
-    def cfg(*argv: str) -> Any:
-        return cli._load_sft_config(argparse.Namespace(command=argv[0], quick="--quick" in argv, config=None,
+    def cfg(*argv: str, config: str | None = None) -> Any:
+        return cli._load_sft_config(argparse.Namespace(command=argv[0], quick="--quick" in argv, config=config,
                                                        overrides=[a for a in argv[1:] if "=" in a]))
 
     real = cfg("demo", "train.steps=3")
     assert (real.model.base_model, real.data.task, real.train.steps) == ("smollm2-135m", "addition", 3)
     assert {"arc_easy", "hellaswag", "heldout_text"} <= set(real.eval.guards)
+    # 300 guard examples: at 100 a 5-point non-inferiority margin is narrower than the CI itself
+    assert real.eval.guard_examples == 300 and real.train.learning_rate == 5e-4
+    # `make demo-aggressive` overlays the real demo and changes only the learning rate (8x)
+    aggressive = cfg("demo", "train.steps=3", config=str(Path(cli.DEMO_CONFIG).with_name("demo_aggressive.yaml")))
+    assert aggressive.train.learning_rate == 8 * real.train.learning_rate
+    aggressive.train.learning_rate = real.train.learning_rate
+    assert aggressive == real
     quick = cfg("demo", "--quick")
     assert quick == cfg("run") and quick.model.base_model == "tiny"
 
