@@ -1,6 +1,7 @@
 """Environment registry: a name in `RLConfig.env.name` -> the dataset of env group builders.
 
-- `arithmetic`: a `data.generators` task (`env.task`, `env.task_kwargs`) as single-turn problems;
+- `arithmetic`: a `data.generators` task (`env.task`, `env.task_kwargs`) as single-turn problems, or problem
+  files (`env.train_file` / `env.eval_file`, `env.columns`; any format of tasks.data_io.load_rows);
 - `tool_calc`: the multi-turn calculator env (`env.task_kwargs`: digits, ops; `env.max_turns`);
 - `bench:<name>`: a built-in code-graded benchmark of `evals.builtin` through the benchmark adapter.
 
@@ -32,7 +33,8 @@ def _arithmetic(c: Any) -> RLDataset:
     from envs.arithmetic import GeneratedTaskDataset
 
     return GeneratedTaskDataset(c.task, c.task_kwargs, c.n_train, c.n_eval, c.seed, failure_rewards(c),
-                                c.system_prompt or None)
+                                c.system_prompt or None, train_file=getattr(c, "train_file", ""),
+                                eval_file=getattr(c, "eval_file", ""), columns=getattr(c, "columns", None))
 
 
 def _tool_calc(c: Any) -> RLDataset:

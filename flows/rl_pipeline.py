@@ -4,7 +4,8 @@ Features: the RL loop of recipes/rl.py (GRPO-style group baselines, sampler logp
 optional one-step-off-policy overlap) with resumable iteration checkpoints (a retried task repeats no update);
 the start is `init_from` (e.g. an SFT run's checkpoint), else a short SFT warm-up trained in this run, else the
 base model, and the verdict is always against that start (RL must beat where it started, not the base); eval =
-the env's held-out problems greedy (pass@1, the gated target) + the same problems sampled at the training
+the env's held-out problems (generated, or `env.eval_file`; training problems from `env.train_file`, any format of
+tasks.data_io, validated in the pre-flight check) greedy (pass@1, the gated target) + the same problems sampled at the training
 temperature (`target_sampled`: mean correctness over `PASS_K` samples, pass@k in the report) + the guards.
 Per-iteration metrics go to MLflow, rollout transcripts (JSONL per iteration) are artifacts. Everything after
 training is flows/common.finish_run, shared with the SFT flow. Trade-off: the evaluation is single-process and
@@ -45,6 +46,7 @@ def check_rl_run(cfg: RLConfig, run_name: str) -> bool:
         ds = build_dataset(cfg.env)
     except (KeyError, ValueError, TypeError) as e:
         raise PreflightError(f"env.name={cfg.env.name}: {e}") from None
+    check_problem_files(cfg, ds)
     if not cfg.init_from and cfg.warmup.steps > 0 and cfg.env.name not in ("arithmetic", "tool_calc"):
         raise PreflightError(f"env.name={cfg.env.name}: no SFT warm-up data for this env; set init_from "
                              f"(e.g. an SFT checkpoint) or warmup.steps=0")
@@ -54,6 +56,24 @@ def check_rl_run(cfg: RLConfig, run_name: str) -> bool:
     if ds.single_turn is False and cfg.env.max_turns < 2:
         raise PreflightError(f"env.max_turns={cfg.env.max_turns}: the multi-turn env {cfg.env.name} needs >= 2")
     return resumes
+
+
+def check_problem_files(cfg: RLConfig, ds: Any) -> None:
+    """env.train_file / env.eval_file: every row validated (errors name file, line / row and field) and no
+    held-out question also a training one."""
+    from flows.preflight import PreflightError
+
+    e = cfg.env
+    if not (e.train_file or e.eval_file):
+        return
+    if e.name != "arithmetic":
+        raise PreflightError(f"env.train_file / env.eval_file: problem files feed the arithmetic env, not "
+                             f"env.name={e.name}")
+    train, held = ds.train_rows, ds.eval_rows(cfg.eval.n_examples)  # BadInputError naming the bad row
+    seen = {r["messages"][0]["content"] for r in train}
+    if leak := [r["messages"][0]["content"] for r in held if r["messages"][0]["content"] in seen]:
+        raise PreflightError(f"{e.eval_file or 'the generated eval problems'}: {len(leak)} held-out question(s) "
+                             f"are also training problems ({e.train_file or 'generated'}), e.g. {leak[0]!r}")
 
 
 def _episode_eval(cfg: RLConfig) -> Any:

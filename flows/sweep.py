@@ -1,4 +1,4 @@
-"""Hyperparameter sweeps whose winner is real, not noise: `tuneloop sweep sft --config B --space S`.
+"""Hyperparameter sweeps whose winner is real, not noise: `tuneloop sweep sft|rl|dpo --config B --space S`.
 
 Features:
 - search by Optuna (grid, random, TPE samplers; median pruner on the pipeline's periodic eval), its study in
@@ -14,11 +14,19 @@ Features:
 - a paired leaderboard of the trials (evals/leaderboard.py) and an HTML/PNG report (flows/sweep_report.py);
 - resumable: the sweep id derives from recipe + base config + space, so rerunning the command continues the
   study; finished trials are not rerun, a trial left RUNNING by a killed sweep is run again under its own run
-  name, so its pipeline resumes from its last checkpoint.
+  name, so its pipeline resumes from its last checkpoint;
+- no repeated work against running the trials by hand: a trial whose baseline is the base model itself gets the
+  base's per-example results of an earlier finished trial with the same content key (`_base_key`: same model,
+  eval examples and protocol) copied into its eval store, so its pipeline generates nothing for the base; the
+  confirmation re-scoring reuses the trials' guard results (the guard examples are not split) and loads the
+  base model once for all models (flows/sweep_report.py).
 
 Trade-offs: concurrent trials share one process (the engine is in-process): on a 2-core machine --parallel 2
 mostly interleaves. One sweep process at a time per sweep id (a file lock refuses a second one). Pruning needs
-`train.eval_every > 0` and an in-process training run (the listener is a contextvar).
+`train.eval_every > 0` and an in-process training run (the listener is a contextvar): SFT has that periodic
+eval; the RL and DPO loops have none (their per-iteration metrics are training rewards / losses, not held-out
+scores), so their trials are never pruned. The recipe-specific parts (split, pre-flight, confirmation
+re-scoring, metric) are one `SweepRecipe` line each (flows/sweep_config.RECIPES).
 """
 
 from __future__ import annotations
@@ -36,16 +44,14 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.sweep_config import (
-    PREFLIGHT,
     SweepSpec,
     default_storage,
     load_attr,
     load_space,
-    materialise_splits,
     recipe,
     set_dotted,
     sweep_id_for,
-    trial_overrides,
+    sweep_recipe,
 )
 from infra import tracking
 from infra.config import BadInputError, from_dict, to_dict
@@ -162,12 +168,34 @@ def trial_task(recipe_name: str, config: dict[str, Any], run_name: str, parent_r
     try:
         with tracking.child_of(parent_run_id), listening(report):
             res = pipeline(config, run_name=run_name)
+        if hook := sweep_recipe(recipe_name).after_trial:
+            load_attr(hook)(config, res.run_dir)
     except TrialPruned as e:
         return {"state": "PRUNED", "error": str(e), "seconds": time.time() - t0}
     except Exception as e:  # recorded, the sweep goes on (the pipeline's own tasks already retried)
         return {"state": "FAIL", "error": f"{type(e).__name__}: {e}", "seconds": time.time() - t0}
     return {"state": "COMPLETE", "value": res.tuned_score, "mlflow_run_id": res.mlflow_run_id,
             "seconds": time.time() - t0}
+
+
+_NOT_BASE = ("rank", "lora_alpha", "seed", "train_mlp", "train_attn", "train_unembed")
+
+
+def _base_key(cfg: dict[str, Any]) -> str | None:
+    """Content key of a trial's baseline evaluation when the baseline is the base model itself (no init_from,
+    no warm-up): the config without what only shapes training (train / rl sections, LoRA settings: B = 0 at
+    init, the adapter does not change the base). Trials with the same key evaluate the same model on the same
+    examples under the same protocol, so the first trial's stored results serve the others."""
+    if cfg.get("init_from") or cfg.get("warmup", {}).get("steps", 0):
+        return None
+    c = {k: v for k, v in cfg.items() if k not in ("train", "rl", "name", "registry_model")}
+    c["model"] = {k: v for k, v in cfg.get("model", {}).items() if k not in _NOT_BASE}
+    return json.dumps(c, sort_keys=True, default=str)
+
+
+def _steps(cfg: dict[str, Any]) -> int:
+    """A trial's last training step (its final eval is not a pruning point): SFT/DPO steps, RL iterations."""
+    return int(cfg.get("train", {}).get("steps", 0) or cfg.get("rl", {}).get("iterations", 0))
 
 
 def _child_run_id(client: Any, exp_id: str, parent_id: str, run_dir: str) -> str:
@@ -211,9 +239,11 @@ def sweep_flow(recipe_name: str, config: dict[str, Any], space: dict[str, Any], 
     from optuna.trial import Trial, TrialState
 
     cfg_cls, _ = recipe(recipe_name)
+    rcp = sweep_recipe(recipe_name)
     base = from_dict(cfg_cls, config)
     cfgd = to_dict(base)
     spec = load_space(None, **space)
+    spec.metric = spec.metric or rcp.metric
     sweep_id = sweep_id or sweep_id_for(recipe_name, cfgd, spec)
     sweep_dir = Path(base.run_root).parent / "sweeps" / sweep_id
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -222,13 +252,14 @@ def sweep_flow(recipe_name: str, config: dict[str, Any], space: dict[str, Any], 
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise BadInputError(f"sweep {sweep_id} is already running in another process ({sweep_dir})") from None
+    # the confirmation split is written here but read only after the last trial (finish_sweep); an input the
+    # recipe cannot split is refused before the MLflow parent run exists
+    splits = load_attr(rcp.split)(base, sweep_dir / "data", spec.confirmation_fraction, spec.seed)
+    overrides = splits.overrides
     uri = tracking.setup(base.tracking_uri, base.experiment)
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     exp_id = mlflow.get_experiment_by_name(base.experiment).experiment_id
     parent_id = _parent_run(client, exp_id, sweep_id, spec, recipe_name)
-    # the confirmation split is written here but read only after the last trial (_confirm)
-    splits = materialise_splits(base, sweep_dir / "data", spec.confirmation_fraction, spec.seed)
-    overrides = trial_overrides(splits, len(splits.selection_ids))
     storage = spec.storage or default_storage(uri)
     study = _study(spec, sweep_id, storage)
     budget = min(spec.trials, spec.grid_size()) if spec.sampler == "grid" else spec.trials
@@ -249,8 +280,16 @@ def sweep_flow(recipe_name: str, config: dict[str, Any], space: dict[str, Any], 
     resume = [Trial(study, ft._trial_id) for ft in study.trials if ft.state == TrialState.RUNNING]
     # the shared inputs (data, base model) are checked once before any trial: a bad one refuses the sweep;
     # each trial's pipeline still checks its own config (a trial-specific problem fails that trial only)
-    if recipe_name in PREFLIGHT:
-        load_attr(PREFLIGHT[recipe_name])(from_dict(cfg_cls, trial_config({})), f"{sweep_id}-preflight")
+    load_attr(rcp.preflight)(from_dict(cfg_cls, trial_config({})), f"{sweep_id}-preflight")
+    from evals.store import ResultStore
+    from flows.sweep_report import reuse_results
+
+    def base_dir(rec: TrialRecord) -> Path:
+        return ResultStore(Path(rec.run_dir) / "eval").checkpoint_dir("base")
+
+    # baseline results of finished trials by content key (see _base_key): later trials reuse, not regenerate
+    base_results = {k: base_dir(r) for r in records.values() if r.state == "COMPLETE"
+                    if (k := _base_key(trial_config(r.params))) is not None}
     pending: dict[Any, tuple[Any, Any, TrialRecord]] = {}
     n_run = 0
     while True:
@@ -262,9 +301,10 @@ def sweep_flow(recipe_name: str, config: dict[str, Any], space: dict[str, Any], 
             cfg_t = trial_config(params)
             rec = TrialRecord(trial.number, name, str(Path(base.run_root) / name), params, "RUNNING")
             records[trial.number] = rec
+            if (src := base_results.get(_base_key(cfg_t) or "")) is not None:
+                reuse_results(src, Path(rec.run_dir) / "eval", "base")
             _manifest(sweep_dir, sweep_id, recipe_name, spec, list(records.values()))
-            fut = trial_task.submit(recipe_name, cfg_t, name, parent_id, trial, spec.metric,
-                                    int(cfg_t.get("train", {}).get("steps", 0)))
+            fut = trial_task.submit(recipe_name, cfg_t, name, parent_id, trial, spec.metric, _steps(cfg_t))
             pending[fut.wrapped_future] = (fut, trial, rec)
         if not pending:
             break
@@ -288,6 +328,8 @@ def sweep_flow(recipe_name: str, config: dict[str, Any], space: dict[str, Any], 
                 trial.set_user_attr(k, v)  # before tell: a finished trial cannot be updated
             if rec.state == "COMPLETE":
                 rec.value = out["value"]
+                if (bk := _base_key(trial_config(rec.params))) is not None:
+                    base_results.setdefault(bk, base_dir(rec))
                 study.tell(trial, rec.value)
             else:
                 study.tell(trial, state=TrialState.PRUNED if rec.state == "PRUNED" else TrialState.FAIL)
@@ -301,7 +343,7 @@ def sweep_flow(recipe_name: str, config: dict[str, Any], space: dict[str, Any], 
     from flows.sweep_report import finish_sweep
 
     result = finish_sweep(base, cfg_cls, trial_config, spec, sweep_id, sweep_dir, splits, trials, client, parent_id,
-                          uri, t0)
+                          uri, t0, rescore=load_attr(rcp.rescore))
     result.n_trials_run = n_run
     result.extra["seconds_end"] = time.time() - t_end  # leaderboard + confirmation + registry + report
     _manifest(sweep_dir, sweep_id, recipe_name, spec, trials, {"result": asdict(result)})

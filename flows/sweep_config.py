@@ -13,7 +13,9 @@ space.yaml:
     confirmation_fraction: 0.5   # share of the eval rows held back for the confirmation split
 
 Trade-offs: `data.*` keys cannot be swept: the data is materialised once so that every trial is evaluated on
-the same selection examples (the paired leaderboard needs that). The Optuna study lives in its own SQLite
+the same selection examples (the paired leaderboard needs that). The split is per recipe (SweepRecipe.split):
+SFT prepares its dataset and splits the eval rows; RL writes the env's held-out problems as problem files
+(env.eval_file); DPO writes the generated (or given) pairs as preference JSONL (data.train_file/eval_file). The Optuna study lives in its own SQLite
 file next to the MLflow one by default: Optuna and MLflow both keep an `alembic_version` table, so they cannot
 share one database file.
 """
@@ -33,11 +35,38 @@ import yaml
 
 from infra.config import BadInputError
 
-# recipe -> (config class, pipeline flow) as lazy "module:attr" strings; a recipe with the same pipeline
-# signature (config dict, run_name, checked) -> PipelineResult is one more line here.
-RECIPES: dict[str, tuple[str, str]] = {"sft": ("flows.sft_config:PipelineConfig", "flows.sft_pipeline:sft_pipeline")}
-# a recipe's pre-flight check (config, run_name), run once on the shared inputs before any trial
-PREFLIGHT: dict[str, str] = {"sft": "flows.preflight:check_sft_run"}
+
+@dataclass(frozen=True)
+class SweepRecipe:
+    """What a sweep needs of a recipe, as lazy "module:attr" strings (nothing heavy imported to build the CLI):
+    config class; pipeline flow `(config dict, run_name, checked) -> PipelineResult`; pre-flight check
+    `(config, run_name)` run once on the shared inputs; `split(cfg, data_dir, fraction, seed) -> Splits`
+    (materialise the eval data once, selection / confirmation files, the trials' overrides);
+    `rescore(cfg, splits, metric, run_dir, models, out_dir) -> (baseline name, {name: EvalResult})` on the
+    confirmation split (flows/sweep_report.py); `after_trial(cfg, run_dir)` stores results the pipeline keeps
+    only in memory; `metric`: the benchmark trials are ranked on by default."""
+
+    config: str
+    flow: str
+    preflight: str
+    split: str
+    rescore: str
+    metric: str = "target"
+    after_trial: str = ""
+
+
+# adding a recipe to `tuneloop sweep` is one line here
+RECIPES: dict[str, SweepRecipe] = {
+    "sft": SweepRecipe("flows.sft_config:PipelineConfig", "flows.sft_pipeline:sft_pipeline",
+                       "flows.preflight:check_sft_run", "flows.sweep_config:split_sft",
+                       "flows.sweep_report:rescore_sft"),
+    "rl": SweepRecipe("recipes.rl_config:RLConfig", "flows.rl_pipeline:rl_pipeline", "flows.rl_pipeline:check_rl_run",
+                      "flows.sweep_config:split_rl", "flows.sweep_report:rescore_rl"),
+    "dpo": SweepRecipe("recipes.dpo_config:DPOConfig", "flows.dpo_pipeline:dpo_pipeline",
+                       "flows.dpo_pipeline:check_dpo_run", "flows.sweep_config:split_dpo",
+                       "flows.sweep_report:rescore_dpo", metric="heldout_pref",
+                       after_trial="flows.sweep_report:store_dpo_pref"),
+}
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median")
 
@@ -47,16 +76,20 @@ def load_attr(spec: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def recipe_config(name: str) -> Any:
-    """The config class of a recipe (without importing its flow: no Prefect yet)."""
+def sweep_recipe(name: str) -> SweepRecipe:
     if name not in RECIPES:
         raise BadInputError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
-    return load_attr(RECIPES[name][0])
+    return RECIPES[name]
+
+
+def recipe_config(name: str) -> Any:
+    """The config class of a recipe (without importing its flow: no Prefect yet)."""
+    return load_attr(sweep_recipe(name).config)
 
 
 def recipe(name: str) -> tuple[Any, Any]:
     """(config class, pipeline flow) of a recipe."""
-    return recipe_config(name), load_attr(RECIPES[name][1])
+    return recipe_config(name), load_attr(sweep_recipe(name).flow)
 
 
 @dataclass
@@ -86,7 +119,7 @@ class SweepSpec:
     pruner: str = "median"
     pruner_startup_trials: int = 2  # trials that finish before any is pruned
     pruner_warmup_steps: int = 0  # no pruning at or before this training step
-    metric: str = "target"  # the benchmark trials are ranked on (maximized)
+    metric: str = ""  # the benchmark trials are ranked on (maximized); '' = the recipe's (SweepRecipe.metric)
     confirmation_fraction: float = 0.5
     seed: int = 0  # sampler seed and split seed
     storage: str = ""  # Optuna RDB URL; '' = sqlite file `sweeps.db` next to the MLflow database
@@ -176,6 +209,7 @@ class Splits:
     confirmation: str
     selection_ids: list[str] = field(default_factory=list)
     confirmation_ids: list[str] = field(default_factory=list)
+    overrides: dict[str, Any] = field(default_factory=dict)  # what every trial's config gets besides its params
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -184,19 +218,24 @@ def _write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def materialise_splits(cfg: Any, data_dir: Path, fraction: float, seed: int) -> Splits:
+def _split_order(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(selection, confirmation) row indices: a seeded shuffle, each side >= 2 rows, in file order."""
+    if n < 4:
+        raise BadInputError(f"{n} eval rows: too few to split into selection and confirmation")
+    order = list(range(n))
+    random.Random(f"sweep-split/{seed}").shuffle(order)
+    n_conf = min(n - 2, max(2, round(n * fraction)))
+    return sorted(order[n_conf:]), sorted(order[:n_conf])
+
+
+def split_sft(cfg: Any, data_dir: Path, fraction: float, seed: int) -> Splits:
     """Prepare the base config's dataset once (tasks.prepare_data, replay mixed in) and split its eval rows
     (seeded shuffle) into a selection split and a disjoint confirmation split."""
     from tasks.prepare_data import prepare_dataset, resolve_replay
 
     info = prepare_dataset(resolve_replay(cfg.data, cfg.model.base_model), Path(cfg.run_root).parent / "cache")
     rows = [x for x in Path(info.eval_path).read_text().splitlines() if x.strip()]
-    if len(rows) < 4:
-        raise BadInputError(f"{len(rows)} eval rows: too few to split into selection and confirmation")
-    order = list(range(len(rows)))
-    random.Random(f"sweep-split/{seed}").shuffle(order)
-    n_conf = min(len(rows) - 2, max(2, round(len(rows) * fraction)))
-    conf, sel = sorted(order[:n_conf]), sorted(order[n_conf:])
+    sel, conf = _split_order(len(rows), fraction, seed)
     data_dir.mkdir(parents=True, exist_ok=True)
     train = data_dir / "train.jsonl"
     if not train.exists() or train.read_bytes() != Path(info.train_path).read_bytes():
@@ -205,14 +244,72 @@ def materialise_splits(cfg: Any, data_dir: Path, fraction: float, seed: int) -> 
     for path, idx in zip(paths, (sel, conf), strict=True):
         _write_if_changed(path, "".join(rows[i] + "\n" for i in idx))
     ids = [[json.loads(rows[i])["id"] for i in idx] for idx in (sel, conf)]
-    return Splits(str(train.resolve()), str(paths[0].resolve()), str(paths[1].resolve()), ids[0], ids[1])
+    splits = Splits(str(train.resolve()), str(paths[0].resolve()), str(paths[1].resolve()), ids[0], ids[1])
+    # the materialised data (replay is already in it), the whole selection split as the eval set, no registry
+    # (only the confirmed winner is registered)
+    splits.overrides = {"data.train_file": splits.train, "data.eval_file": splits.selection, "data.replay": "",
+                        "eval.n_examples": len(ids[0]), "registry_model": ""}
+    return splits
 
 
-def trial_overrides(splits: Splits, n_selection: int) -> dict[str, Any]:
-    """What every trial's config gets besides its params: the materialised data (replay is already in it),
-    the whole selection split as its eval set, and no registry (only the confirmed winner is registered)."""
-    return {"data.train_file": splits.train, "data.eval_file": splits.selection, "data.replay": "",
-            "eval.n_examples": n_selection, "registry_model": ""}
+materialise_splits = split_sft  # the name bench/bench_sweep.py used
+
+
+def split_rl(cfg: Any, data_dir: Path, fraction: float, seed: int) -> Splits:
+    """The env's held-out problems (generated, or env.eval_file: the `eval.n_examples` the pipeline would use)
+    written once as problem files and split; trials read `env.eval_file=<selection>`. Training problems stay
+    as configured (generated from (task, seed), or env.train_file): every trial trains on the same ones."""
+    from envs.arithmetic import write_problems
+    from envs.registry import build_dataset
+
+    if cfg.env.name != "arithmetic":
+        raise BadInputError(f"sweep rl: env.name={cfg.env.name}: the selection / confirmation split needs the "
+                            f"arithmetic env's problem files (env.eval_file)")
+    rows = build_dataset(cfg.env).eval_rows(cfg.eval.n_examples)
+    sel, conf = _split_order(len(rows), fraction, seed)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    paths = data_dir / "selection.jsonl", data_dir / "confirmation.jsonl"
+    for path, idx in zip(paths, (sel, conf), strict=True):
+        tmp = write_problems([rows[i] for i in idx], path.with_suffix(".new"))
+        _write_if_changed(path, tmp.read_text())
+        tmp.unlink()
+    splits = Splits(cfg.env.train_file, str(paths[0].resolve()), str(paths[1].resolve()),
+                    [rows[i]["id"] for i in sel], [rows[i]["id"] for i in conf])
+    splits.overrides = {"env.eval_file": splits.selection, "eval.n_examples": len(sel), "registry_model": ""}
+    return splits
+
+
+def split_dpo(cfg: Any, data_dir: Path, fraction: float, seed: int) -> Splits:
+    """The generated pairs (or data.train_file / data.eval_file) written once as preference JSONL, the held-out
+    pairs split; trials read `data.train_file=<train>`, `data.eval_file=<selection>`. Ids are the lines' content
+    hashes (the DPO reader keys pairs by content as well). With preference files the pipeline's target is the
+    held-out preference accuracy (`heldout_pref`), the metric a DPO sweep ranks on."""
+    d = cfg.data
+    if d.train_file:
+        train_lines = [x for x in Path(d.train_file).read_text(encoding="utf-8-sig").splitlines() if x.strip()]
+        eval_lines = [x for x in Path(d.eval_file).read_text(encoding="utf-8-sig").splitlines() if x.strip()]
+    else:
+        from data.preferences import preference_rows
+
+        kw = dict(d.task_kwargs)
+        train_lines = [json.dumps(r, ensure_ascii=False) for r in preference_rows(d.n_train, d.seed, "train", **kw)]
+        eval_lines = [json.dumps(r, ensure_ascii=False) for r in preference_rows(d.n_eval, d.seed, "eval", **kw)]
+    sel, conf = _split_order(len(eval_lines), fraction, seed)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    train = data_dir / "train.jsonl"
+    _write_if_changed(train, "".join(x + "\n" for x in train_lines))
+    paths = data_dir / "selection.jsonl", data_dir / "confirmation.jsonl"
+    for path, idx in zip(paths, (sel, conf), strict=True):
+        _write_if_changed(path, "".join(eval_lines[i] + "\n" for i in idx))
+    ids = [[hashlib.sha256(eval_lines[i].encode()).hexdigest()[:16] for i in idx] for idx in (sel, conf)]
+    splits = Splits(str(train.resolve()), str(paths[0].resolve()), str(paths[1].resolve()), ids[0], ids[1])
+    splits.overrides = {"data.train_file": splits.train, "data.eval_file": splits.selection, "registry_model": ""}
+    return splits
+
+
+def trial_overrides(splits: Splits, n_selection: int | None = None) -> dict[str, Any]:
+    """What every trial's config gets besides its params (set by the recipe's split function)."""
+    return dict(splits.overrides)
 
 
 def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:

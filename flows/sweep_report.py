@@ -18,6 +18,7 @@ trial's: eval settings are not swept by the default space; a space that sweeps `
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import math
@@ -54,13 +55,13 @@ def _log_trial_metrics(client: Any, lb: Leaderboard, run_ids: dict[str, str]) ->
 
 def finish_sweep(base: Any, cfg_cls: Any, trial_config: Callable[[dict[str, Any]], dict[str, Any]], spec: Any,
                  sweep_id: str, sweep_dir: Path, splits: Any, trials: list[Any], client: Any, parent_id: str,
-                 uri: str, t0: float) -> Any:
+                 uri: str, t0: float, rescore: Callable[..., tuple[str, dict[str, Any]]] | None = None) -> Any:
     from flows.sweep import SweepResult
     from infra import registry
     from recipes.common import local_checkpoint
-    from tasks.evaluate import evaluate_model, guard_benchmarks, target_benchmark
     from tasks.gate_stage import gate_policy
-    from training_core import ServiceClient
+
+    rescore = rescore or rescore_sft
 
     done = [t for t in trials if t.state == "COMPLETE"]
     if not done:
@@ -80,26 +81,21 @@ def finish_sweep(base: Any, cfg_cls: Any, trial_config: Callable[[dict[str, Any]
 
     # --- confirmation: the first time anything reads the confirmation split
     cfg_w = from_dict(cfg_cls, trial_config(by_name[winner].params))
-    benches = [target_benchmark(splits.confirmation, len(splits.confirmation_ids), name=spec.metric),
-               *guard_benchmarks(cfg_w)]
     conf_dir = sweep_dir / "confirmation"
-    service = ServiceClient(compute_dtype=cfg_w.model.compute_dtype)
     summaries = {n: json.loads((Path(by_name[n].run_dir) / "summary.json").read_text())
                  for n in (winner, runner_up) if n}
-    base_res = evaluate_model(cfg_w, benches, None, "base", conf_dir, service=service)
-    win_res = evaluate_model(cfg_w, benches, summaries[winner]["local_checkpoint"], winner, conf_dir, service=service)
-    ru_res = (evaluate_model(cfg_w, benches, summaries[runner_up]["local_checkpoint"], runner_up, conf_dir,
-                             service=service) if runner_up else None)
+    models = {n: summaries[n]["local_checkpoint"] for n in (winner, runner_up) if n}
     champ = registry.get_champion(base.registry_model, tracking_uri=uri) if base.registry_model else None
-    champ_res = None
     if champ is not None:
-        ck = local_checkpoint(champ[1], sweep_dir / "champion")
-        champ_res = evaluate_model(cfg_w, benches, ck, "champion", conf_dir, service=service)
+        models["champion"] = local_checkpoint(champ[1], sweep_dir / "champion")
+    base_name, scored = rescore(cfg_w, splits, spec.metric, Path(by_name[winner].run_dir), models, conf_dir)
+    base_res, win_res = scored[base_name], scored[winner]
+    ru_res, champ_res = (scored[runner_up] if runner_up else None), scored.get("champion")
     gate_pol = gate_policy(cfg_w, [spec.metric])  # the pipeline's own gate, on the confirmation split
     report = compare(champ_res or base_res, win_res, gate_pol, info_baselines=[base_res] if champ_res else [])
     tgt = report.by_name()[spec.metric]
     verdict = {"improved": "improved", "regressed": "regressed"}.get(tgt.verdict, "no significant change")
-    against = f"champion v{champ[0]}" if champ else "base"
+    against = f"champion v{champ[0]}" if champ else base_name
     conf_lb = leaderboard({n: r for n, r in ((winner, win_res), (runner_up, ru_res)) if r is not None}, base_res,
                           benchmark=spec.metric, policy=pol)
     win_ci = conf_lb.by_name()[winner].ci
@@ -153,6 +149,200 @@ def finish_sweep(base: Any, cfg_cls: Any, trial_config: Callable[[dict[str, Any]
         verdict=verdict, gate_passed=report.gate.passed, model_version=version, promoted=promoted,
         report_path=str(index), seconds=time.time() - t0,
         extra={"confirmation_leaderboard": conf_lb.to_dict(), "confirmation_table": format_verdict_table(report)})
+
+
+# ------------------------------------------------------------------------- per-recipe confirmation re-scoring
+# rescore(cfg, splits, metric, winner's run dir, {name: checkpoint}, out_dir) -> (baseline name, {name: result}):
+# the baseline (the base model, or the recipe's start) and every named model on the confirmation split, with
+# the configured guards, one ServiceClient (one base-model load) for all of them.
+
+
+def _reusable(winner_dir: Path, models: dict[str, str], baseline: str) -> dict[str, Path]:
+    """Result folders of the same models from the trials' own runs: the baseline's and each trained model's
+    (`<run_dir>/eval/trained` of the trial whose checkpoint it is)."""
+    from evals.store import ResultStore
+
+    out = {baseline: ResultStore(winner_dir / "eval").checkpoint_dir(baseline)}
+    for name, ck in models.items():
+        rd = _run_dir_of(ck)
+        if rd is not None:
+            out[name] = ResultStore(rd / "eval").checkpoint_dir("trained")
+    return out
+
+
+def _run_dir_of(checkpoint: str) -> Path | None:
+    """The pipeline run dir holding `checkpoint` (<run_dir>/checkpoints/...), if any."""
+    for parent in Path(checkpoint).parents:
+        if parent.name == "checkpoints" and (parent.parent / "summary.json").exists():
+            return parent.parent
+    return None
+
+
+def _with(cfg: Any, **dotted: Any) -> Any:
+    from flows.sweep_config import set_dotted
+    from infra.config import to_dict
+
+    d = to_dict(cfg)
+    for k, v in dotted.items():
+        set_dotted(d, k.replace("__", "."), v)
+    return from_dict(type(cfg), d)
+
+
+def _score_all(cfg: Any, benches: list[Any], baseline: tuple[str, str | None], models: dict[str, str],
+               out_dir: Path, extra: Callable[[Any, str | None, str], Any] | None = None,
+               reuse: dict[str, Path] | None = None) -> dict[str, Any]:
+    """`reuse`: {model name: a result folder of that same model} whose guard results (the guards' examples are
+    not split: the trials scored them already) are copied instead of re-generated."""
+    from tasks.evaluate import evaluate_model, guard_names
+    from training_core import ServiceClient
+
+    guards = set(guard_names(list(cfg.eval.guards)))
+    for name, src in (reuse or {}).items():
+        reuse_results(src, out_dir, name, guards)
+
+    service = ServiceClient(compute_dtype=cfg.model.compute_dtype)
+    out = {}
+    try:
+        for name, ck in (baseline, *models.items()):
+            res = evaluate_model(cfg, benches, ck, name, out_dir, service=service) if benches else None
+            if extra is not None:
+                more = extra(service, ck, name)
+                _store(out_dir, name, more)  # on disk like the sampled benchmarks: the confirmation is auditable
+                if res is None:
+                    res = more
+                else:
+                    res.benchmarks.update(more.benchmarks)
+            out[name] = res
+    finally:
+        service.close()
+    return out
+
+
+def _store(root: Path, who: str, res: Any) -> None:
+    """An in-memory EvalResult into a result store under checkpoint name `who` (kept if already there)."""
+    from evals.store import ResultMeta, ResultStore
+
+    store = ResultStore(root)
+    for br in res.benchmarks.values():
+        if store.load_records(who, br.benchmark, br.protocol_hash):
+            continue  # stored already (a resumed sweep, or a flow that stores it)
+        store.begin(ResultMeta(br.benchmark, who, br.kind, br.protocol, br.protocol_hash, br.dataset_hash,
+                               br.n_examples))
+        store.append(list(br.records.values()))
+
+
+def reuse_results(src_dir: Path, dst_root: Path, dst_name: str, only: set[str] | None = None) -> int:
+    """Copy stored per-example results of one model (a result folder) into `dst_root` under checkpoint name
+    `dst_name`, so an evaluation of the same model on the same examples under the same protocol (the store's
+    content key: benchmark, protocol hash, dataset hash) finds them done and generates nothing. `only`: these
+    benchmarks. Returns the number of benchmarks copied (none already there is overwritten)."""
+    import dataclasses
+
+    from evals.store import ResultStore, list_result_metas, read_records_file
+
+    if not (src_dir / "checkpoint.json").exists():
+        return 0
+    store, n = ResultStore(dst_root), 0
+    for meta, path in list_result_metas(src_dir):
+        if (only is not None and meta.benchmark not in only) or not path.exists():
+            continue
+        if store.load_records(dst_name, meta.benchmark, meta.protocol_hash):
+            continue
+        recs = read_records_file(path)
+        if len(recs) < meta.n_examples:  # an unfinished result: let the evaluation do it
+            continue
+        store.begin(dataclasses.replace(meta, checkpoint=dst_name))
+        store.append([dataclasses.replace(r, checkpoint=dst_name) for r in recs.values()])
+        n += 1
+    return n
+
+
+def rescore_sft(cfg: Any, splits: Any, metric: str, run_dir: Path, models: dict[str, str], out_dir: Path
+                ) -> tuple[str, dict[str, Any]]:
+    """SFT: the confirmation rows as the target benchmark; the baseline is the base model."""
+    from tasks.evaluate import guard_benchmarks, target_benchmark
+
+    benches = [target_benchmark(splits.confirmation, len(splits.confirmation_ids), name=metric),
+               *guard_benchmarks(cfg)]
+    return "base", _score_all(cfg, benches, ("base", None), models, out_dir, reuse=_reusable(run_dir, models, "base"))
+
+
+def rescore_rl(cfg: Any, splits: Any, metric: str, run_dir: Path, models: dict[str, str], out_dir: Path
+               ) -> tuple[str, dict[str, Any]]:
+    """RL: the confirmation problems (env.eval_file) greedy, graded by the env; the baseline is the start the
+    trials were judged against (the winner's warm-up / init_from checkpoint, already there: not retrained)."""
+    from recipes.rl import start_checkpoint
+    from recipes.rl_eval import eval_benchmark
+    from tasks.evaluate import guard_benchmarks
+
+    cfg_c = _with(cfg, env__eval_file=splits.confirmation, eval__n_examples=len(splits.confirmation_ids))
+    start = start_checkpoint(cfg_c, run_dir)
+    benches = [eval_benchmark(cfg_c, len(splits.confirmation_ids), name=metric), *guard_benchmarks(cfg_c)]
+    name = "start" if start else "base"
+    return name, _score_all(cfg_c, benches, (name, start), models, out_dir, reuse=_reusable(run_dir, models, name))
+
+
+def _dpo_start(cfg: Any, run_dir: Path) -> str | None:
+    from recipes.dpo import _find_warmup
+
+    if cfg.init_from:
+        return str(run_dir / "init") if (run_dir / "init").exists() else cfg.init_from
+    return _find_warmup(run_dir / "checkpoints") if cfg.warmup.steps > 0 else None
+
+
+def _pref_result(cfg: Any, service: Any, start: str | None, checkpoint: str | None, name: str) -> Any:
+    """`heldout_pref` (implicit-reward accuracy on cfg.data.eval_file's pairs, reference = the start) of one
+    model; the prepared pairs and the reference logprobs come from the DPO cache (computed once)."""
+    import torch
+
+    from recipes.dpo import _new_client, preference_eval_result, prepare, reference_logprobs, tokenizer_for
+
+    ds = prepare(cfg, tokenizer_for(cfg))
+    _, _, ref_ev = reference_logprobs(cfg, service, ds, start)
+    # the reference is named by its logprobs, not by its checkpoint's manifest: every trial trains its own (equal)
+    # warm-up, and results against equal references must compare as one protocol across trials
+    vals = json.dumps([[round(float(x), 3) for x in row] for row in ref_ev.tolist()])
+    key = "logprobs:" + hashlib.sha256(vals.encode()).hexdigest()[:16]
+    tc = service.create_training_client_from_state(checkpoint) if checkpoint else _new_client(service, cfg, None)
+    try:
+        return preference_eval_result(tc, ds, torch.as_tensor(ref_ev), cfg, name, key)
+    finally:
+        tc.close()
+
+
+def rescore_dpo(cfg: Any, splits: Any, metric: str, run_dir: Path, models: dict[str, str], out_dir: Path
+                ) -> tuple[str, dict[str, Any]]:
+    """DPO: held-out preference accuracy on the confirmation pairs (reference: the winner's start) + guards."""
+    from tasks.evaluate import guard_benchmarks
+
+    cfg_c = _with(cfg, data__eval_file=splits.confirmation)
+    start = _dpo_start(cfg_c, run_dir)
+    name = "start" if start else "base"
+
+    def pref(service: Any, ck: str | None, who: str) -> Any:
+        return _pref_result(cfg_c, service, start, ck, who)
+
+    return name, _score_all(cfg_c, guard_benchmarks(cfg_c), (name, start), models, out_dir, extra=pref,
+                            reuse=_reusable(run_dir, models, name))
+
+
+def store_dpo_pref(config: dict[str, Any], run_dir: str) -> None:
+    """After a DPO trial: its `heldout_pref` results (start and trained, on the selection pairs) into the run's
+    eval store, where the leaderboard reads every trial's per-example scores. The DPO flow computes them too but
+    keeps only the other benchmarks on disk (tasks.gate_stage.evaluate_task does not store `extra` results)."""
+    from recipes.dpo_config import DPOConfig
+    from training_core import ServiceClient
+
+    cfg = from_dict(DPOConfig, config)
+    rd = Path(run_dir)
+    summary = json.loads((rd / "summary.json").read_text())
+    start = _dpo_start(cfg, rd)
+    service = ServiceClient(compute_dtype=cfg.model.compute_dtype)
+    try:
+        for who, ck in (("start" if start else "base", start), ("trained", summary["local_checkpoint"])):
+            _store(rd / "eval", who, _pref_result(cfg, service, start, ck, who))
+    finally:
+        service.close()
 
 
 # ------------------------------------------------------------------------------------------------- report

@@ -306,11 +306,11 @@ def start_checkpoint(cfg: RLConfig, run_dir: str | Path) -> str | None:
 def warmup_rows(cfg: RLConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
     """(train rows, eval rows, train_on_what) of the SFT warm-up for the configured env."""
     e = cfg.env
-    if e.name == "arithmetic":
-        from data.generators import train_eval
+    if e.name == "arithmetic":  # the env's own problems (generated or problem files): one source for both
+        from envs.registry import build_dataset
 
-        tr, ev = train_eval(e.task, e.n_train, min(e.n_eval, 64), seed=e.seed, **e.task_kwargs)
-        return list(tr), list(ev), "last_assistant_message"
+        ds = build_dataset(e)
+        return list(ds.train_rows), list(ds.eval_rows(min(e.n_eval, 64))), "last_assistant_message"
     if e.name == "tool_calc":
         from envs.tool_calc import sft_rows
 

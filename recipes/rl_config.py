@@ -32,6 +32,12 @@ class EnvConfig:
     n_train: int = Field(4000, ge=1, description="training problems (iteration i draws from a seeded permutation)")
     n_eval: int = Field(400, ge=1, description="held-out problems (disjoint from training by content hash)")
     seed: int = Field(0, ge=0, description="seed of problem generation and of the problem order")
+    train_file: str = Field("", description="arithmetic env: training problems {question, answer} (JSONL, "
+                            "Parquet, CSV, Arrow dir, s3://, hub id; '' = generated from env.task)")
+    eval_file: str = Field("", description="arithmetic env: held-out problems, same format ('' = generated); "
+                           "eval.n_examples caps how many are used")
+    columns: dict[str, str] = Field(default_factory=dict, description="map our problem fields to your columns, "
+                                    "e.g. env.columns.question=problem")
     renderer: Literal["chat_template", "role_colon"] = Field("chat_template", description="messages -> tokens")
     system_prompt: str = Field("", description="system message of every episode ('' = none)")
     max_tokens: int = Field(12, ge=1, description="max sampled tokens per assistant turn")

@@ -1,4 +1,4 @@
-"""`tuneloop sweep RECIPE --config base.yaml --space space.yaml [--trials N] [--parallel K] [--sampler S]`.
+"""`tuneloop sweep sft|rl|dpo --config base.yaml --space space.yaml [--trials N] [--parallel K] [--sampler S]`.
 
 Light at import (argparse only): Optuna, Prefect and torch load when the command runs. Rerunning the same
 command continues the sweep (same sweep id); `--sweep-id` names one explicitly. Exit codes: 0 done (1 with
@@ -41,7 +41,7 @@ def add_sweep_command(subparsers: Any) -> None:
     p = subparsers.add_parser("sweep", help="hyperparameter sweep: Optuna search, paired leaderboard, "
                               "confirmation split", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", help="recipe (flows/sweep_config.RECIPES), e.g. sft")
+    p.add_argument("recipe", help="recipe (flows/sweep_config.RECIPES): sft, rl or dpo")
     p.add_argument("--config", help="base config YAML of the recipe")
     p.add_argument("--space", required=True, help="search space YAML (see examples/sweep/space.yaml)")
     p.add_argument("--trials", type=int, help="total trials (default: the space's)")
