@@ -2,7 +2,8 @@
 
 Features:
 - search by Optuna (grid, random, TPE samplers; median pruner on the pipeline's periodic eval), its study in
-  Optuna's RDB storage (a SQLite file next to the MLflow database by default, see flows/sweep_config.py);
+  Optuna's RDB storage on the project's database (MLflow on PostgreSQL: the same database, schema `optuna`;
+  the embedded SQLite default: a `sweeps.db` file next to `mlflow.db`; see sweep_config.default_storage);
 - each trial is a full pipeline run (the recipe's own flow, flows/sweep_config.RECIPES) with its own run name
   `<sweep id>-t<NNN>`, checkpoint and MLflow run, a child of the sweep's parent run; trials are Prefect tasks
   of the `sweep` flow, K at a time (ThreadPoolTaskRunner); a failed trial is recorded as failed (its pipeline

@@ -197,9 +197,29 @@ def sweep_id_for(recipe_name: str, config: dict[str, Any], spec: SweepSpec) -> s
 
 
 def default_storage(tracking_uri: str) -> str:
+    """Optuna's RDB storage on the project's database. A server database (PostgreSQL, the one MLflow and the
+    service use in production): the same database, in its own schema `optuna`. SQLite: a `sweeps.db` file beside
+    `mlflow.db`, since both Optuna and MLflow keep an `alembic_version` table and one SQLite file has one
+    namespace. `storage:` in space.yaml overrides either."""
     if tracking_uri.startswith("sqlite:///"):
         return f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).parent / 'sweeps.db'}"
+    if tracking_uri.startswith(("postgresql", "postgres:")):
+        return schema_url(tracking_uri, "optuna")
     return f"sqlite:///{Path('.tuneloop/sweeps.db').resolve()}"
+
+
+def schema_url(db_url: str, schema: str) -> str:
+    """`db_url` with every connection's search_path set to `schema` (created if absent)."""
+    import sqlalchemy as sa
+
+    url = sa.engine.make_url(db_url.replace("postgres://", "postgresql://", 1))
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+    finally:
+        engine.dispose()
+    return url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
 
 
 @dataclass
