@@ -306,8 +306,11 @@ def split_dpo(cfg: Any, data_dir: Path, fraction: float, seed: int) -> Splits:
     held-out preference accuracy (`heldout_pref`), the metric a DPO sweep ranks on."""
     d = cfg.data
     if d.train_file:
-        train_lines = [x for x in Path(d.train_file).read_text(encoding="utf-8-sig").splitlines() if x.strip()]
-        eval_lines = [x for x in Path(d.eval_file).read_text(encoding="utf-8-sig").splitlines() if x.strip()]
+        from recipes.preference_data import read_preferences
+
+        # any format the DPO reader takes, columns mapped and every row validated: the copies use our names
+        train_lines, eval_lines = ([json.dumps(r, ensure_ascii=False) for _, r in read_preferences(f, d.columns)]
+                                   for f in (d.train_file, d.eval_file))
     else:
         from data.preferences import preference_rows
 
@@ -323,7 +326,8 @@ def split_dpo(cfg: Any, data_dir: Path, fraction: float, seed: int) -> Splits:
         _write_if_changed(path, "".join(eval_lines[i] + "\n" for i in idx))
     ids = [[hashlib.sha256(eval_lines[i].encode()).hexdigest()[:16] for i in idx] for idx in (sel, conf)]
     splits = Splits(str(train.resolve()), str(paths[0].resolve()), str(paths[1].resolve()), ids[0], ids[1])
-    splits.overrides = {"data.train_file": splits.train, "data.eval_file": splits.selection, "registry_model": ""}
+    splits.overrides = {"data.train_file": splits.train, "data.eval_file": splits.selection, "data.columns": {},
+                        "registry_model": ""}
     return splits
 
 

@@ -97,3 +97,38 @@ def test_sweep_dpo_selection_and_confirmation(tmp_path: Path, monkeypatch: pytes
     sel, conf = ids(data / "selection.jsonl"), ids(data / "confirmation.jsonl")
     assert len(sel) + len(conf) == 12
     _check(res, "heldout_pref", sel, conf)
+
+
+def test_sweep_dpo_split_reads_any_format_with_column_mapping(tmp_path: Path) -> None:
+    """User preference files in Parquet under other column names: the sweep's copies hold exactly the reader's
+    rows (our field names, so trials run without the mapping), and the held-out pairs split disjointly."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.preferences import preference_rows
+    from flows.sweep_config import recipe_config, split_dpo
+    from infra.config import from_dict
+    from recipes.preference_data import read_preferences
+
+    rename = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    files = {}
+    for split, n in (("train", 8), ("eval", 10)):
+        rows = [{rename.get(k, k): json.dumps(v) if isinstance(v, list) else v for k, v in r.items()}
+                for r in preference_rows(n, 0, split)]
+        files[split] = tmp_path / f"{split}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), files[split])
+    columns = {k: v for k, v in rename.items()}
+    cfg = from_dict(recipe_config("dpo"), {"data": {"train_file": str(files["train"]),
+                                                    "eval_file": str(files["eval"]), "columns": columns}})
+    splits = split_dpo(cfg, tmp_path / "sweep", 0.5, 0)
+    assert splits.overrides["data.columns"] == {}
+    copied = {name: [row for _, row in read_preferences(path)] for name, path in
+              (("train", splits.train), ("sel", splits.selection), ("conf", splits.confirmation))}
+    assert copied["train"] == [row for _, row in read_preferences(str(files["train"]), columns)]
+    expected_eval = [row for _, row in read_preferences(str(files["eval"]), columns)]
+    assert len(copied["sel"]) + len(copied["conf"]) == len(expected_eval) == 10
+    key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
+    assert sorted(map(key, copied["sel"] + copied["conf"])) == sorted(map(key, expected_eval))
+    assert not {key(r) for r in copied["sel"]} & {key(r) for r in copied["conf"]}
