@@ -38,6 +38,7 @@ GOALS: dict[str, tuple[str, Any]] = {
     "time_to_first_step_s_trl": ("", None),
     "sample_tokens_per_s_ratio_vs_generate": (">= 2", lambda v, f: v >= 2),
     "mc_eval_examples_per_s_ratio_vs_lm_eval": (">= 3", lambda v, f: v >= 3),
+    "mc_eval_dense_examples_per_s_ratio_vs_lm_eval": (">= 3", lambda v, f: v >= 3),
     "gen_eval_examples_per_s_ratio_vs_generate_loop": ("", None),
     "service_step_time_ratio_vs_inprocess": ("<= 1.10", lambda v, f: v <= 1.10),
     "service_sample_time_ratio_vs_inprocess": ("<= 1.15", lambda v, f: v <= 1.15),

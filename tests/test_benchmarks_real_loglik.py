@@ -72,6 +72,19 @@ def test_encode_pair_moves_trailing_space_into_the_continuation(tiny: Any) -> No
     assert sc.encode_pair("Answer: ", "Paris") == sc.encode_pair("Answer:", " Paris")
 
 
+def test_encode_pair_encodes_a_context_once_and_follows_a_new_one(tiny: Any) -> None:
+    sc = HFLoglikScorer(tiny.model, tiny.tokenizer, "tiny")
+    calls: list[str] = []
+    enc = sc._encode
+    sc._encode = lambda text: (calls.append(text), enc(text))[1]  # type: ignore[method-assign]
+    seq = [("Q: a\nAnswer:", " A"), ("Q: a\nAnswer:", " B"), ("Q: bb\nAnswer:", " A"), ("Q: a\nAnswer:", " C")]
+    for ctx, cont in seq:
+        c, t = sc.encode_pair(ctx, cont)
+        assert c == enc(ctx) and c + t == enc(ctx + cont)
+        c.append(0)  # the caller owns the list: the memo must not change with it
+    assert calls.count("Q: a\nAnswer:") == 2 and calls.count("Q: bb\nAnswer:") == 1  # re-encoded after a switch
+
+
 def test_acc_and_acc_norm_right_and_wrong() -> None:
     # the long choice has the lower total but the higher per-character log-likelihood
     m = mc_metrics([-10.0, -12.0], ["ab", "abcdefgh"], gold=1)
@@ -263,3 +276,31 @@ def test_plan_groups_cuts_at_shared_token_prefixes() -> None:
     flat = [Request(tuple(range(k, k + n)), ((1,),)) for k, n in enumerate((5, 40, 6, 38, 7))]
     assert [(sorted(g.members), g.prefix_len) for g in plan_groups(flat, 8)] == [([0, 1, 2, 3, 4], 0)]
     assert length_batches([5, 40, 6, 38, 7], 8, 16) == [[1, 3], [4, 2, 0]]
+
+
+def test_prefix_cache_broadcast_as_views_stays_intact_and_scores_exactly(tiny: Any) -> None:
+    """The prefix cache enters each suffix sub-batch as stride-0 views of its one row (no copy per row), is
+    left unchanged by the pass (the next sub-batch reuses it), and any sub-batching gives the plain loop's
+    numbers: every row in one padded batch, or every row alone."""
+    from evals.benchmarks_real.prefix_batch import GroupScorer, broadcast_rows, plan_groups
+
+    sc = HFLoglikScorer(tiny.model, tiny.tokenizer, "tiny")
+    items = _fewshot_items(1, 4)
+    reqs = [r for c, x in items for r in sc._requests(c, x)]
+    (group,) = plan_groups(reqs, 8)
+    p = group.prefix_len
+    assert p >= 16 and len({len(r.ctx) for r in reqs}) == 4  # one shared prefix, four suffix lengths
+    want = _naive_all(tiny.model, sc, items)
+    with torch.inference_mode():
+        prefix = tiny.model(input_ids=torch.tensor([list(reqs[0].ctx[:p])]), use_cache=True).past_key_values
+        keys0 = prefix.layers[0].keys.clone()
+        rows = broadcast_rows(prefix, 3)
+        k = rows.layers[0].keys
+        assert k.shape[0] == 3 and k.stride(0) == 0 and k.data_ptr() == prefix.layers[0].keys.data_ptr()
+        tiny.model(input_ids=torch.tensor([list(r.ctx[p:p + 2]) for r in reqs[:3]]), past_key_values=rows)
+        assert rows.get_seq_length() == p + 2 and prefix.get_seq_length() == p  # the source is not extended
+        assert torch.equal(prefix.layers[0].keys, keys0)
+        for call_tokens, n_calls in ((1000, 2), (0, 5)):  # 1 prefix + 1 padded batch / + 4 single rows
+            gs = GroupScorer(tiny.model, call_tokens=call_tokens)
+            got = gs.score(reqs, p)
+            assert gs.calls == n_calls and _flat(got) == pytest.approx(_flat(want), abs=1e-4)

@@ -9,8 +9,8 @@ of the whole string's encoding; no BOS), so the same model gets the same numbers
 Speed (`HFLoglikScorer.batch_choice_logprobs`, used by `evaluate_mc` on batches of examples; the engine
 is `prefix_batch`):
 - contexts that share a token prefix (an MMLU subject's header + 5 dev questions, ~80% of its tokens) are
-  grouped and the prefix runs once; its KV cache is copied to the rows of the group's suffixes, which run
-  batched by similar length; the shared prefix is the common prefix of the token ids themselves, so it
+  grouped and the prefix runs once; its KV cache is broadcast (stride-0 views, no copy) to the rows of the
+  group's suffixes, which run batched by similar length; the shared prefix is the common prefix of the token ids themselves, so it
   is a token-level prefix of every full encoding by construction;
 - the LM head only at scored positions (the context's last token; the continuation tokens), none over
   the ~700 context positions; single-token answers (MMLU letters) need no pass beyond the context;
@@ -67,6 +67,7 @@ class HFLoglikScorer:
         self._client: Any = None
         self.max_cache_bytes = 512 << 20  # bound on the expanded KV cache of one batched pass
         self.stats = {"tokens": 0, "calls": 0, "prefix_tokens": 0}  # forward tokens / calls, tokens saved
+        self._last_ctx: tuple[str | None, list[int]] = (None, [])  # encode_pair's memo of the last context
 
     @classmethod
     def from_sampling_client(cls, client: Any, name: str) -> HFLoglikScorer:
@@ -108,7 +109,10 @@ class HFLoglikScorer:
             continuation = context[-n_spaces:] + continuation
             context = context[:-n_spaces]
         whole = self._encode(context + continuation)
-        ctx = self._encode(context)
+        memo = self._last_ctx  # read once: safe if two threads share the scorer
+        if memo[0] != context:  # the choices of an example share it: encode it once, not per choice
+            memo = self._last_ctx = (context, self._encode(context))
+        ctx = list(memo[1])
         return ctx, whole[len(ctx):]
 
     def _prefix_token(self) -> int:
