@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from recipes.dpo_config import PrefDataConfig
-from tasks.prepare_data import ROLES, DataValidationError, _decode_lines
+from tasks.prepare_data import ROLES, DataValidationError, iter_json_lines
 from training_core.checkpoint import CheckpointError, verify_checkpoint, write_checkpoint
 
 log = logging.getLogger(__name__)
@@ -154,13 +154,7 @@ def _read(spec: str | Path, columns: dict[str, str] | None, cache_dir: str | Pat
     if src.kind == "jsonl":  # the exact line reader: lines as the user's editor shows them
         p = Path(src.path)
         name = str(spec) if src.spec.startswith("s3://") else str(p)
-        for lineno, text in _decode_lines(p):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataValidationError(f"{name}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        for lineno, row in iter_json_lines(p, name):
             rows.append((f"{name}:{lineno}", lineno, validate_pair(_map_columns(row, columns), f"{name}:{lineno}")))
         if not rows:
             raise DataValidationError(f"{name}: no rows")

@@ -76,6 +76,7 @@ def read_prompt_jsonl(path: str | Path, columns: dict[str, str] | None = None,
                       cache_dir: str | Path | None = None) -> list[PromptRow]:
     """The prompts of a dataset of any format (the name stays for its callers), deduplicated, all validated."""
     from tasks.data_io import DataLoadError, iter_validated, load_rows, resolve_source
+    from tasks.prepare_data import iter_json_lines
 
     p = Path(str(path))
     if "://" not in str(path) and not p.exists() and p.suffix:
@@ -104,15 +105,7 @@ def read_prompt_jsonl(path: str | Path, columns: dict[str, str] | None = None,
 
     if src.kind == "jsonl":  # the exact line reader: lines as the user's editor shows them
         name = str(path) if src.spec.startswith("s3://") else str(p)
-        fp = Path(src.path)
-        raw = fp.read_bytes().decode("utf-8-sig", errors="strict") if fp.stat().st_size else ""
-        for line_no, text in enumerate(raw.splitlines(), 1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise PromptDataError(f"{name}:{line_no}: field '<row>': invalid JSON: {e.msg}") from None
+        for line_no, row in iter_json_lines(Path(src.path), name, PromptDataError):
             if not isinstance(row, dict):
                 raise PromptDataError(f"{name}:{line_no}: field '<row>': expected a JSON object")
             add(row, f"{name}:{line_no}")

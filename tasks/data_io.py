@@ -192,16 +192,10 @@ def _jsonl_fallback(src: Source, validate_fn: ValidateFn | None, columns: dict[s
     mapped per row, so `validate_fn` sees our names as on the Arrow path)."""
     import datasets
 
-    from tasks.prepare_data import _decode_lines
+    from tasks.prepare_data import iter_json_lines
 
     def rows() -> Iterator[dict[str, Any]]:
-        for lineno, line in _decode_lines(Path(src.path)):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _bad(f"{src.spec}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        for lineno, row in iter_json_lines(Path(src.path), src.spec, _bad):
             if isinstance(row, dict):
                 for ours, theirs in (columns or {}).items():
                     if theirs in row and theirs != ours:

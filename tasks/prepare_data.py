@@ -22,7 +22,7 @@ import json
 import logging
 import random
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -111,17 +111,24 @@ def iter_decoded_lines(p: Path) -> Iterator[tuple[int, str]]:
             yield 1, ""  # as bytes.split: an empty file is one empty line
 
 
-def validate_chat_jsonl(path: str | Path, need_answer: bool = False) -> int:
-    """`read_chat_jsonl_lines`'s checks and messages, streamed (no row kept); returns the number of rows."""
-    p = Path(path)
-    n = 0
+
+def iter_json_lines(p: Path, name: str | None = None,
+                    error: Callable[[str], Exception] = DataValidationError) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-blank line of a JSONL file, streamed; a line that is not JSON
+    raises `error("<name>:<line>: invalid JSON (<why> at column <c>)")`: the one message every reader gives."""
     for lineno, line in iter_decoded_lines(p):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataValidationError(f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            raise error(f"{name or p}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+def validate_chat_jsonl(path: str | Path, need_answer: bool = False) -> int:
+    """`read_chat_jsonl_lines`'s checks and messages, streamed (no row kept); returns the number of rows."""
+    p = Path(path)
+    n = 0
+    for lineno, row in iter_json_lines(p):
         validate_row(row, str(p), lineno, need_answer)
         n += 1
     if not n:
@@ -337,13 +344,7 @@ def _iter_train_rows(cfg: DataConfig) -> Iterator[dict[str, Any]]:
     """The validated rows of `cfg.train_file`, one at a time: `read_chat_rows_with_sources`' checks and messages."""
     if is_jsonl(cfg.train_file) and not cfg.columns:
         p = Path(cfg.train_file)
-        for lineno, line in iter_decoded_lines(p):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataValidationError(f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        for lineno, row in iter_json_lines(p):
             yield validate_row(row, str(p), lineno, False)
         return
     from tasks.data_io import chat_validator, iter_validated, load_rows, resolve_source
