@@ -151,3 +151,16 @@ def list_result_metas(checkpoint_dir: str | Path) -> list[tuple[ResultMeta, Path
 
 def read_records_file(path: str | Path) -> dict[str, ExampleRecord]:
     return _read_records(Path(path))
+
+
+def store_result(root: str | Path, who: str, res: Any) -> None:
+    """An in-memory EvalResult (e.g. a recipe's own evaluation: DPO preference accuracy, RL episodes) into the
+    result store at `root` under checkpoint name `who`, like the sampled benchmarks; one already stored (a
+    retried task, a resumed run) is kept."""
+    store = ResultStore(root)
+    for br in res.benchmarks.values():
+        if store.load_records(who, br.benchmark, br.protocol_hash):
+            continue
+        store.begin(ResultMeta(br.benchmark, who, br.kind, br.protocol, br.protocol_hash, br.dataset_hash,
+                               br.n_examples))
+        store.append(list(br.records.values()))

@@ -169,8 +169,6 @@ def trial_task(recipe_name: str, config: dict[str, Any], run_name: str, parent_r
     try:
         with tracking.child_of(parent_run_id), listening(report):
             res = pipeline(config, run_name=run_name)
-        if hook := sweep_recipe(recipe_name).after_trial:
-            load_attr(hook)(config, res.run_dir)
     except TrialPruned as e:
         return {"state": "PRUNED", "error": str(e), "seconds": time.time() - t0}
     except Exception as e:  # recorded, the sweep goes on (the pipeline's own tasks already retried)

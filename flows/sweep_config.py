@@ -43,8 +43,7 @@ class SweepRecipe:
     `(config, run_name)` run once on the shared inputs; `split(cfg, data_dir, fraction, seed) -> Splits`
     (materialise the eval data once, selection / confirmation files, the trials' overrides);
     `rescore(cfg, splits, metric, run_dir, models, out_dir) -> (baseline name, {name: EvalResult})` on the
-    confirmation split (flows/sweep_report.py); `after_trial(cfg, run_dir)` stores results the pipeline keeps
-    only in memory; `metric`: the benchmark trials are ranked on by default."""
+    confirmation split (flows/sweep_report.py); `metric`: the benchmark trials are ranked on by default."""
 
     config: str
     flow: str
@@ -52,7 +51,6 @@ class SweepRecipe:
     split: str
     rescore: str
     metric: str = "target"
-    after_trial: str = ""
 
 
 # adding a recipe to `tuneloop sweep` is one line here
@@ -64,8 +62,7 @@ RECIPES: dict[str, SweepRecipe] = {
                       "flows.sweep_config:split_rl", "flows.sweep_report:rescore_rl"),
     "dpo": SweepRecipe("recipes.dpo_config:DPOConfig", "flows.dpo_pipeline:dpo_pipeline",
                        "flows.dpo_pipeline:check_dpo_run", "flows.sweep_config:split_dpo",
-                       "flows.sweep_report:rescore_dpo", metric="heldout_pref",
-                       after_trial="flows.sweep_report:store_dpo_pref"),
+                       "flows.sweep_report:rescore_dpo", metric="heldout_pref"),
 }
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median")

@@ -193,6 +193,7 @@ def _score_all(cfg: Any, benches: list[Any], baseline: tuple[str, str | None], m
                reuse: dict[str, Path] | None = None) -> dict[str, Any]:
     """`reuse`: {model name: a result folder of that same model} whose guard results (the guards' examples are
     not split: the trials scored them already) are copied instead of re-generated."""
+    from evals.store import store_result
     from tasks.evaluate import evaluate_model, guard_names
     from training_core import ServiceClient
 
@@ -207,7 +208,7 @@ def _score_all(cfg: Any, benches: list[Any], baseline: tuple[str, str | None], m
             res = evaluate_model(cfg, benches, ck, name, out_dir, service=service) if benches else None
             if extra is not None:
                 more = extra(service, ck, name)
-                _store(out_dir, name, more)  # on disk like the sampled benchmarks: the confirmation is auditable
+                store_result(out_dir, name, more)  # on disk like the sampled benchmarks: the confirmation is auditable
                 if res is None:
                     res = more
                 else:
@@ -216,19 +217,6 @@ def _score_all(cfg: Any, benches: list[Any], baseline: tuple[str, str | None], m
     finally:
         service.close()
     return out
-
-
-def _store(root: Path, who: str, res: Any) -> None:
-    """An in-memory EvalResult into a result store under checkpoint name `who` (kept if already there)."""
-    from evals.store import ResultMeta, ResultStore
-
-    store = ResultStore(root)
-    for br in res.benchmarks.values():
-        if store.load_records(who, br.benchmark, br.protocol_hash):
-            continue  # stored already (a resumed sweep, or a flow that stores it)
-        store.begin(ResultMeta(br.benchmark, who, br.kind, br.protocol, br.protocol_hash, br.dataset_hash,
-                               br.n_examples))
-        store.append(list(br.records.values()))
 
 
 def reuse_results(src_dir: Path, dst_root: Path, dst_name: str, only: set[str] | None = None) -> int:
@@ -324,25 +312,6 @@ def rescore_dpo(cfg: Any, splits: Any, metric: str, run_dir: Path, models: dict[
 
     return name, _score_all(cfg_c, guard_benchmarks(cfg_c), (name, start), models, out_dir, extra=pref,
                             reuse=_reusable(run_dir, models, name))
-
-
-def store_dpo_pref(config: dict[str, Any], run_dir: str) -> None:
-    """After a DPO trial: its `heldout_pref` results (start and trained, on the selection pairs) into the run's
-    eval store, where the leaderboard reads every trial's per-example scores. The DPO flow computes them too but
-    keeps only the other benchmarks on disk (tasks.gate_stage.evaluate_task does not store `extra` results)."""
-    from recipes.dpo_config import DPOConfig
-    from training_core import ServiceClient
-
-    cfg = from_dict(DPOConfig, config)
-    rd = Path(run_dir)
-    summary = json.loads((rd / "summary.json").read_text())
-    start = _dpo_start(cfg, rd)
-    service = ServiceClient(compute_dtype=cfg.model.compute_dtype)
-    try:
-        for who, ck in (("start" if start else "base", start), ("trained", summary["local_checkpoint"])):
-            _store(rd / "eval", who, _pref_result(cfg, service, start, ck, who))
-    finally:
-        service.close()
 
 
 # ------------------------------------------------------------------------------------------------- report

@@ -146,9 +146,13 @@ def sequence_logprobs(tc: TrainingClient, pairs: list[PreferencePair], batch_pai
 
 
 def start_model_key(cfg: DPOConfig, start_ckpt: str | None) -> str:
-    """Content key of the starting (= reference) model: its checkpoint's manifest, or the base model."""
+    """Content key of the starting (= reference) model: its adapter's weights and config (by the checksums in
+    its manifest, not the manifest itself, whose timestamps differ: equal warm-ups, e.g. a sweep's trials, are
+    one reference and their `heldout_pref` results one protocol), or the base model."""
     if start_ckpt:
-        ident = hashlib.sha256((Path(start_ckpt) / "manifest.json").read_bytes()).hexdigest()
+        files = json.loads((Path(start_ckpt) / "manifest.json").read_text())["files"]
+        ident = "/".join(f"{n}:{files[n]['sha256']}" for n in sorted(files)
+                         if n.startswith(("adapter_model", "adapter_config")))
     else:
         from training_core.model_loading import resolve
 

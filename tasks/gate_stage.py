@@ -35,12 +35,16 @@ def store_checkpoint_task(local_checkpoint: str, storage_uri: str, key: str) -> 
 def evaluate_task(cfg: Any, benchmarks: Sequence[Any], checkpoint: str | None, name: str, results_dir: str,
                   extra: EvalFn | None = None) -> Any:
     """`benchmarks` through the sampler (evals.runner), plus `extra` (e.g. multi-turn env episodes) merged in;
-    per-example results are stored in `results_dir`, so a retried task resumes."""
+    per-example results of both are stored in `results_dir` (a retried task resumes; a sweep's leaderboard and
+    `tuneloop compare` read every benchmark from there)."""
+    from evals.store import store_result
     from tasks.evaluate import evaluate_model
 
     res = evaluate_model(cfg, list(benchmarks), checkpoint, name, results_dir)
     if extra is not None:
-        res.benchmarks.update(extra(checkpoint, name, results_dir).benchmarks)
+        more = extra(checkpoint, name, results_dir)
+        store_result(results_dir, name, more)
+        res.benchmarks.update(more.benchmarks)
     run_logger().info("eval %s: %s", name, {k: round(v, 4) for k, v in res.means().items()})
     return res
 
