@@ -18,7 +18,6 @@ trial's: eval settings are not swept by the default space; a space that sweeps `
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import math
@@ -286,11 +285,8 @@ def _pref_result(cfg: Any, service: Any, start: str | None, checkpoint: str | No
     from recipes.dpo import _new_client, preference_eval_result, prepare, reference_logprobs, tokenizer_for
 
     ds = prepare(cfg, tokenizer_for(cfg))
-    _, _, ref_ev = reference_logprobs(cfg, service, ds, start)
-    # the reference is named by its logprobs, not by its checkpoint's manifest: every trial trains its own (equal)
-    # warm-up, and results against equal references must compare as one protocol across trials
-    vals = json.dumps([[round(float(x), 3) for x in row] for row in ref_ev.tolist()])
-    key = "logprobs:" + hashlib.sha256(vals.encode()).hexdigest()[:16]
+    # the key names the reference by its adapter's checksums (recipes.dpo.start_model_key), as the pipeline does
+    key, _, ref_ev = reference_logprobs(cfg, service, ds, start)
     tc = service.create_training_client_from_state(checkpoint) if checkpoint else _new_client(service, cfg, None)
     try:
         return preference_eval_result(tc, ds, torch.as_tensor(ref_ev), cfg, name, key)
